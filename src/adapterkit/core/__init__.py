@@ -1,0 +1,30 @@
+"""Adapters on any ``torch.nn.Module``: registry, injection, lifecycle, save/load."""
+
+from adapterkit.core.config import AdapterConfig, ConfigError
+from adapterkit.core.layers import AdapterLayer, MergeError
+from adapterkit.core.lifecycle import (
+    active_adapters,
+    adapter_parameters,
+    adapters_disabled,
+    add_adapter,
+    delete_adapter,
+    get_adapter_config,
+    head_parameters,
+    list_adapters,
+    merge,
+    route,
+    set_active,
+    trainable_summary,
+    unload,
+    unmerge,
+)
+from adapterkit.core.registry import Method, get_config_class, get_method, register, registered_methods
+from adapterkit.core.targeting import TargetError
+
+__all__ = [
+    "AdapterConfig", "ConfigError", "AdapterLayer", "MergeError", "TargetError", "Method",
+    "active_adapters", "adapter_parameters", "adapters_disabled", "add_adapter",
+    "delete_adapter", "get_adapter_config", "head_parameters", "list_adapters", "merge",
+    "route", "set_active", "trainable_summary", "unload", "unmerge", "get_config_class",
+    "get_method", "register", "registered_methods",
+]

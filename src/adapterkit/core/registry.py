@@ -1,0 +1,170 @@
+"""The method registry: every adapter method registers one :class:`Method`.
+
+The rest of adapterkit reaches methods only through this table: by method
+name (``"lora"``), by config class, or by PEFT ``peft_type``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+
+from adapterkit.core.config import AdapterConfig
+from adapterkit.core.layers import AdapterLayer, adapter_layers, find_layer, get_store, set_submodule
+from adapterkit.core.state import AdapterState
+
+
+class Method:
+    """How one adapter method attaches to, and detaches from, a model.
+
+    Layer methods set ``layer_class`` and implement :meth:`target_paths`; the
+    default :meth:`attach` wraps each path. Methods that work at the model's
+    input (prompt, prefix) override :meth:`attach` and keep their weights in
+    the model's adapter store.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+    layer_class: ClassVar[type[AdapterLayer] | None] = None
+    peft_type: ClassVar[str | None] = None
+    mergeable: ClassVar[bool] = False
+
+    # --- attaching ------------------------------------------------------
+    def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+        """Module paths the method wraps for ``config``."""
+        raise NotImplementedError
+
+    def attach(self, model: nn.Module, name: str, config: AdapterConfig, state: AdapterState) -> None:
+        """Insert adapter ``name`` into ``model``."""
+        assert self.layer_class is not None
+        for path in self.target_paths(model, config):
+            layer = wrap(model, path, self.layer_class, state)
+            layer.add_adapter(name, config)
+
+    def detach(self, model: nn.Module, name: str, state: AdapterState) -> None:
+        """Remove every trace of adapter ``name``; unwrap layers left empty."""
+        for _, layer in list(adapter_layers(model)):
+            if layer.method == self.name and layer.has_adapter(name):
+                layer.remove_adapter(name)
+        store = get_store(model)
+        if store is not None and name in store.adapters and self.layer_class is None:
+            del store.adapters[name]
+        for undo in state.cleanups.pop(name, []):
+            undo()
+        prune_empty_layers(model)
+
+    # --- weights ----------------------------------------------------------
+    def parameters_of(self, model: nn.Module, name: str) -> Iterator[tuple[str, nn.Parameter]]:
+        """Full-path (name, parameter) pairs of adapter ``name``."""
+        for path, layer in adapter_layers(model):
+            if layer.method == self.name:
+                for local, param in layer.adapter_parameters(name):
+                    yield f"{path}.{local}", param
+        store = get_store(model)
+        if store is not None and name in store.adapters and self.layer_class is None:
+            for local, param in store.adapters[name].named_parameters():
+                yield f"adapterkit_store.adapters.{name}.{local}", param
+
+    def export_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """The tensors that make up adapter ``name`` as saved to disk (our own names)."""
+        return {k: p.detach() for k, p in self.parameters_of(model, name)}
+
+    def import_tensors(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Load tensors produced by :meth:`export_tensors` into adapter ``name``."""
+        own = dict(self.parameters_of(model, name))
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"adapter {name!r}: saved tensors do not fit the model; "
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        with torch.no_grad():
+            for key, param in own.items():
+                src = tensors[key]
+                if src.shape != param.shape:
+                    raise ValueError(
+                        f"adapter {name!r}: tensor {key} has shape {tuple(src.shape)} in the file "
+                        f"but {tuple(param.shape)} in the model (was it trained on another base?)"
+                    )
+                param.copy_(src.to(param.dtype))
+
+    # --- PEFT interchange (methods PEFT also has override these) -----------
+    def to_peft(self, model: nn.Module, name: str, config: AdapterConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT ``adapter_config.json`` content and PEFT-named tensors."""
+        raise NotImplementedError(f"{self.name} has no PEFT counterpart")
+
+    def from_peft(self, peft_config: dict[str, Any]) -> AdapterConfig:
+        """Our config for a PEFT ``adapter_config.json``."""
+        raise NotImplementedError(f"{self.name} has no PEFT counterpart")
+
+
+def wrap(model: nn.Module, path: str, layer_class: type[AdapterLayer], state: AdapterState) -> AdapterLayer:
+    """The ``layer_class`` wrapper at ``path``, creating it (outermost) if absent."""
+    current = model.get_submodule(path)
+    existing = find_layer(current, layer_class)
+    if existing is not None:
+        return existing
+    layer = layer_class(current, state)
+    set_submodule(model, path, layer)
+    return layer
+
+
+def prune_empty_layers(model: nn.Module) -> None:
+    """Replace wrappers that hold no adapters by what they wrap (innermost first)."""
+    layers = sorted(adapter_layers(model), key=lambda item: -len(item[0]))
+    for path, layer in layers:
+        if not layer.adapter_names():
+            set_submodule(model, path, layer.base_layer)
+    store = get_store(model)
+    if store is not None and len(store.adapters) == 0:
+        delattr(model, "adapterkit_store")
+
+
+_METHODS: dict[str, Method] = {}
+
+
+def register(method_class: type[Method]) -> type[Method]:
+    """Class decorator: make ``method_class`` available by name, config and PEFT type."""
+    if not method_class.name:
+        raise ValueError(f"{method_class.__name__} must set a method name")
+    method_class.config_class.method = method_class.name
+    _METHODS[method_class.name] = method_class()
+    return method_class
+
+
+def get_method(key: str | AdapterConfig | type[AdapterConfig]) -> Method:
+    """The registered method for a name, a config, or a config class."""
+    _load_builtin_methods()
+    if isinstance(key, AdapterConfig) or isinstance(key, type):
+        key = key.method
+    if key not in _METHODS:
+        raise KeyError(f"unknown adapter method {key!r}; registered: {sorted(_METHODS)}")
+    return _METHODS[key]
+
+
+def method_for_peft_type(peft_type: str) -> Method:
+    """The method that reads PEFT adapters of ``peft_type`` (e.g. ``"LORA"``)."""
+    _load_builtin_methods()
+    for method in _METHODS.values():
+        if method.peft_type == peft_type:
+            return method
+    known = sorted(m.peft_type for m in _METHODS.values() if m.peft_type)
+    raise KeyError(f"PEFT adapter type {peft_type!r} is not supported; adapterkit reads {known}")
+
+
+def registered_methods() -> list[str]:
+    """Names of all registered methods."""
+    _load_builtin_methods()
+    return sorted(_METHODS)
+
+
+def get_config_class(method: str) -> type[AdapterConfig]:
+    """The config dataclass of method ``method``."""
+    return get_method(method).config_class
+
+
+def _load_builtin_methods() -> None:
+    import adapterkit.methods  # noqa: F401  (registers the built-in methods)

@@ -1,0 +1,110 @@
+"""Turning a method's ``targets`` into the module paths it wraps.
+
+Targets follow PEFT's conventions so configs carry over: a list of names
+matches a module whose path equals a name or ends with ``"." + name``; a
+string is a regular expression that must match the whole path; ``"all-linear"``
+takes every linear layer except the output head.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch.nn as nn
+
+from adapterkit.core.architectures import ArchSpec, arch_spec, model_type, modules_in_role
+from adapterkit.core.layers import candidate_modules, innermost
+
+try:  # GPT-2 style linear layer with its weight stored as (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None  # type: ignore[assignment,misc]
+
+LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
+
+
+class TargetError(ValueError):
+    """The requested targets match nothing usable in the model."""
+
+
+def name_matches(path: str, targets: Sequence[str] | str) -> bool:
+    """PEFT-style match of one module path against a target list or regex."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def head_paths(model: nn.Module, spec: ArchSpec | None = None) -> list[str]:
+    """Top-level task heads (classifier, score, ...) and the output embedding path."""
+    spec = spec or arch_spec(model)
+    heads = spec.heads if spec else ArchSpec(roles={}, lora_targets=()).heads
+    found = [name for name, _ in model.named_children() if name in heads]
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    if out is not None:
+        for name, module in model.named_modules():
+            if module is out:
+                found.append(name)
+    return found
+
+
+def _candidates_listing(model: nn.Module, types: tuple[type, ...]) -> str:
+    leaf_names: list[str] = []
+    for path, module in candidate_modules(model):
+        if isinstance(innermost(module), types):
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf not in leaf_names:
+                leaf_names.append(leaf)
+    return ", ".join(leaf_names[:40]) or "(none of a supported type)"
+
+
+def resolve_targets(
+    model: nn.Module,
+    targets: Sequence[str] | str | None,
+    types: tuple[type, ...],
+    default_roles: Sequence[str] = (),
+    default_names: Sequence[str] = (),
+    method: str = "adapter",
+) -> list[str]:
+    """Module paths to wrap, in model order.
+
+    ``targets=None`` uses the architecture table: ``default_names`` (PEFT-style
+    names) when given, else the union of ``default_roles``.
+    """
+    spec = arch_spec(model)
+    excluded = set(head_paths(model, spec))
+    if targets is None:
+        if spec is None:
+            raise TargetError(
+                f"{method}: model_type {model_type(model)!r} is not in adapterkit's architecture "
+                f"table, so there are no default targets; pass targets=[...] explicitly. "
+                f"Module names that could be targeted: {_candidates_listing(model, types)}"
+            )
+        if default_names:
+            matched = [p for p, _ in candidate_modules(model) if name_matches(p, list(default_names))]
+        else:
+            wanted = {p for role in default_roles for p in modules_in_role(model, role, spec)}
+            matched = [p for p, _ in candidate_modules(model) if p in wanted]
+    elif targets == "all-linear":
+        matched = [
+            p for p, m in candidate_modules(model)
+            if isinstance(innermost(m), LINEAR_TYPES) and p not in excluded
+        ]
+    else:
+        matched = [p for p, _ in candidate_modules(model) if name_matches(p, targets)]
+    matched = [p for p in matched if p not in excluded or targets not in (None, "all-linear")]
+    if not matched:
+        raise TargetError(
+            f"{method}: targets {targets!r} match no module of {type(model).__name__}. "
+            f"Candidate module names: {_candidates_listing(model, types)}"
+        )
+    wrong = [p for p in matched if not isinstance(innermost(model.get_submodule(p)), types)]
+    if wrong:
+        kinds = sorted({type(innermost(model.get_submodule(p))).__name__ for p in wrong})
+        allowed = sorted(t.__name__ for t in types)
+        raise TargetError(
+            f"{method}: targets {targets!r} matched {wrong[:5]} of type {kinds}, but {method} "
+            f"supports only {allowed}. Candidate module names: {_candidates_listing(model, types)}"
+        )
+    return matched

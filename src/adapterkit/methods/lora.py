@@ -1,0 +1,211 @@
+"""LoRA (Hu et al., 2021): a low-rank update ``W + (alpha / r) * B @ A``.
+
+Works on ``nn.Linear``, GPT-2's ``Conv1D`` (weight stored as (in, out)) and
+``nn.Embedding``. A starts Kaiming-uniform and B at zero (for embeddings the
+other way round), so the model is unchanged at initialisation. rsLoRA scales
+by ``alpha / sqrt(r)``; DoRA (Liu et al., 2024) adds a learned per-output
+magnitude that rescales the column-normalised updated weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapterkit.core.config import AdapterConfig, ConfigError, check_positive, check_targets
+from adapterkit.core.layers import AdapterLayer, MergeError, routed_sum
+from adapterkit.core.registry import Method, register
+from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA settings; names follow the paper (rank r, alpha)."""
+
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    targets: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        check_positive(self, "rank")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        check_targets(self)
+
+    @property
+    def scaling(self) -> float:
+        """The factor in front of ``B @ A``."""
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+class LoraLayer(AdapterLayer):
+    """A linear, Conv1D or embedding layer with LoRA updates beside it."""
+
+    method = "lora"
+    containers = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                  "lora_magnitude_vector", "lora_dropout")
+
+    def __init__(self, base_layer: nn.Module, state: Any) -> None:
+        super().__init__(base_layer, state)
+        self.is_embedding = isinstance(base_layer_core(base_layer), nn.Embedding)
+        self.fan_in_fan_out = not isinstance(base_layer_core(base_layer), (nn.Linear, nn.Embedding))
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self._original_weight: torch.Tensor | None = None
+
+    # --- shapes -------------------------------------------------------------
+    def base_weight(self) -> torch.Tensor:
+        """The wrapped weight as (out, in) for linear layers, (num, dim) for embeddings."""
+        weight = base_layer_core(self.base_layer).weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def add_adapter(self, name: str, config: AdapterConfig) -> None:
+        assert isinstance(config, LoraConfig)
+        device, dtype = self.adapter_device_dtype()
+        weight = self.base_weight()
+        rank = config.rank
+        self.scaling[name] = config.scaling
+        if self.is_embedding:
+            if config.use_dora:
+                raise ConfigError("DoRA is defined for linear layers only; drop embeddings from targets")
+            num, dim = weight.shape
+            a = torch.zeros(rank, num, device=device, dtype=dtype)
+            b = torch.empty(dim, rank, device=device, dtype=dtype)
+            nn.init.normal_(b)
+            self.lora_embedding_A[name] = nn.Parameter(a)
+            self.lora_embedding_B[name] = nn.Parameter(b)
+            return
+        out_features, in_features = weight.shape
+        self.lora_A[name] = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.lora_B[name] = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B[name].weight)
+        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.use_dora:
+            norm = weight.detach().to(dtype).norm(p=2, dim=1)  # (out,)
+            self.lora_magnitude_vector[name] = nn.Parameter(norm.clone())
+
+    # --- forward ------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's own layout."""
+        if self.is_embedding:
+            delta = (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T
+        else:
+            delta = self.lora_B[name].weight @ self.lora_A[name].weight
+        delta = delta * self.scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _delta(self, name: str, x: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``base_out`` for input ``x``."""
+        scale = self.scaling[name]
+        if self.is_embedding:
+            core = base_layer_core(self.base_layer)
+            hidden = F.embedding(x, self.lora_embedding_A[name].T, padding_idx=core.padding_idx)
+            return (hidden @ self.lora_embedding_B[name].T) * scale
+        lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+        dropped = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+        update = lora_b(lora_a(dropped)) * scale  # (..., out)
+        if name not in self.lora_magnitude_vector:
+            return update
+        return self._dora_delta(name, dropped, base_out, update)
+
+    def _dora_delta(self, name: str, dropped: torch.Tensor, base_out: torch.Tensor,
+                    update: torch.Tensor) -> torch.Tensor:
+        """DoRA: ``m * (W + s BA) x / ||W + s BA||`` minus the plain base output."""
+        weight = self.base_weight().to(update.dtype)
+        combined = weight + (self.lora_B[name].weight @ self.lora_A[name].weight).detach() * self.scaling[name]
+        norm = combined.norm(p=2, dim=1).detach()  # (out,), treated as a constant as in the paper
+        ratio = self.lora_magnitude_vector[name] / norm  # (out,)
+        bias = getattr(base_layer_core(self.base_layer), "bias", None)
+        if self.training and not isinstance(self.lora_dropout[name], nn.Identity):
+            plain = dropped @ weight.T  # the base term must see the same dropped input
+        else:
+            plain = base_out.to(update.dtype) - (bias if bias is not None else 0)
+        return (ratio - 1) * plain + ratio * update
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        routes = self.routing(x.shape[0])
+        if routes is not None:
+            return routed_sum(x, routes, self.adapter_names(), self._delta, result)
+        for name in self.active_adapters():
+            result = result + self._delta(name, x, result).to(result.dtype)
+        return result
+
+    # --- merging --------------------------------------------------------------
+    def merged_weight(self, name: str) -> torch.Tensor:
+        """The base weight with adapter ``name`` folded in."""
+        weight = base_layer_core(self.base_layer).weight
+        merged = weight.data + self.delta_weight(name).to(weight.dtype)
+        if name in self.lora_magnitude_vector:
+            oriented = merged.T if self.fan_in_fan_out else merged
+            ratio = self.lora_magnitude_vector[name] / oriented.norm(p=2, dim=1)
+            oriented = oriented * ratio.unsqueeze(1).to(oriented.dtype)
+            merged = oriented.T if self.fan_in_fan_out else oriented
+        return merged
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is already merged")
+        weight = base_layer_core(self.base_layer).weight
+        if self._original_weight is None:
+            self._original_weight = weight.data.clone()
+        weight.data = self.merged_weight(name).detach()
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is not merged")
+        weight = base_layer_core(self.base_layer).weight
+        self.merged_adapters.remove(name)
+        if not self.merged_adapters and self._original_weight is not None:
+            weight.data = self._original_weight  # exact restore, no rounding drift
+            self._original_weight = None
+            return
+        if name in self.lora_magnitude_vector:
+            raise MergeError("unmerge DoRA adapters in the reverse order of merging")
+        weight.data -= self.delta_weight(name).to(weight.dtype)
+
+
+def base_layer_core(module: nn.Module) -> nn.Module:
+    """The innermost original module (LoRA may wrap another method's wrapper)."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+@register
+class LoraMethod(Method):
+    """Registry entry for LoRA / rsLoRA / DoRA."""
+
+    name = "lora"
+    config_class = LoraConfig
+    layer_class = LoraLayer
+    peft_type = "LORA"
+    mergeable = True
+
+    def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+        assert isinstance(config, LoraConfig)
+        from adapterkit.core.architectures import arch_spec
+
+        spec = arch_spec(model)
+        defaults = spec.lora_targets if spec else ()
+        return resolve_targets(model, config.targets, LINEAR_TYPES + (nn.Embedding,),
+                               default_names=defaults, method="LoRA")
