@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny models built from configs (never downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from tests.tiny_models import TINY_BUILDERS, build_tiny  # noqa: E402
+
+
+@pytest.fixture(params=sorted(TINY_BUILDERS))
+def tiny_kind(request: pytest.FixtureRequest) -> str:
+    """Each tiny architecture in turn."""
+    return request.param
+
+
+@pytest.fixture
+def tiny(tiny_kind: str):
+    """(model in eval mode, example inputs) for each tiny architecture."""
+    return build_tiny(tiny_kind)
