@@ -1,0 +1,103 @@
+"""Adapter lifecycle on any nn.Module: names, activation, routing, heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adapterkit as ak
+from tests.tiny_models import build_tiny, output_tensor
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def test_plain_module_lora_matches_hand_computation() -> None:
+    model = _mlp()
+    config = ak.LoraConfig(rank=2, alpha=4, targets=["0"])
+    ak.add_adapter(model, "a", config)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    x = torch.randn(5, 6)
+    base = layer.base_layer
+    expected_hidden = x @ base.weight.T + base.bias + 2.0 * (x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T)
+    torch.testing.assert_close(layer(x), expected_hidden)
+
+
+def test_rslora_scaling() -> None:
+    assert ak.LoraConfig(rank=4, alpha=8).scaling == 2.0
+    assert ak.LoraConfig(rank=4, alpha=8, use_rslora=True).scaling == 4.0
+
+
+def test_names_are_checked() -> None:
+    model = _mlp()
+    ak.add_adapter(model, "a", ak.LoraConfig(targets=["0"]))
+    with pytest.raises(ValueError, match="already has an adapter called 'a'"):
+        ak.add_adapter(model, "a", ak.LoraConfig(targets=["0"]))
+    with pytest.raises(KeyError, match="no adapter called 'zz'"):
+        ak.set_active(model, "zz")
+    with pytest.raises(ValueError, match="without dots"):
+        ak.add_adapter(model, "a.b", ak.LoraConfig(targets=["0"]))
+
+
+def test_set_active_none_freezes_everything() -> None:
+    model, inputs = build_tiny("bert")
+    reference = output_tensor(model, inputs)
+    ak.add_adapter(model, "a", ak.LoraConfig())
+    ak.set_active(model, None)
+    assert ak.trainable_summary(model)["trainable"] == 0
+    torch.testing.assert_close(output_tensor(model, inputs), reference, rtol=0, atol=0)
+
+
+def test_each_adapter_has_its_own_head() -> None:
+    model, inputs = build_tiny("bert")
+    ak.add_adapter(model, "a", ak.LoraConfig())
+    ak.add_adapter(model, "b", ak.LoraConfig())
+    with torch.no_grad():
+        model.classifier.copies["a"].weight.add_(1.0)
+    ak.set_active(model, "b")
+    out_b = output_tensor(model, inputs)
+    ak.set_active(model, "a")
+    assert not torch.allclose(output_tensor(model, inputs), out_b)
+    assert "classifier.copies.a.weight" in ak.adapter_parameters(model, "a")
+
+
+def test_route_gives_each_example_its_adapter() -> None:
+    model, inputs = build_tiny("llama")
+    for name, seed in (("a", 1), ("b", 2)):
+        ak.add_adapter(model, name, ak.LoraConfig(rank=2))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in ak.adapter_parameters(model, name).values():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    expected = []
+    for row, name in enumerate(["a", None]):
+        single = {k: v[row:row + 1] for k, v in inputs.items()}
+        if name is None:
+            with ak.adapters_disabled(model):
+                expected.append(output_tensor(model, single))
+        else:
+            ak.set_active(model, name)
+            expected.append(output_tensor(model, single))
+    with ak.route(model, ["a", None]):
+        routed = output_tensor(model, inputs)
+    mask = inputs["attention_mask"].bool()
+    for row in range(2):
+        torch.testing.assert_close(routed[row][mask[row]], expected[row][0][mask[row]], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="one name"):
+        with ak.route(model, ["a"]):
+            output_tensor(model, inputs)
+
+
+def test_merge_refused_while_routing_and_merged_twice() -> None:
+    model, _ = build_tiny("gpt2")
+    ak.add_adapter(model, "a", ak.LoraConfig())
+    ak.merge(model, "a")
+    with pytest.raises(ak.MergeError):
+        with ak.route(model, ["a", "a"]):
+            pass
+    ak.unmerge(model)
