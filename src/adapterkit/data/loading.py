@@ -1,0 +1,70 @@
+"""``load_data``: one entry point from a path, a built-in name or an object to ``TaskData``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from adapterkit.data.builtin import BUILTIN_DATASETS, builtin_table
+from adapterkit.data.classification import classification_from_table
+from adapterkit.data.examples import TaskData
+from adapterkit.data.squad import qa_from_table, read_qa_file
+from adapterkit.data.tables import Table, read_table, table_from_object
+from adapterkit.data.token_classification import read_token_classification_file, token_classification_from_table
+
+# Task name -> function(table, labels=..., **columns) -> TaskData.
+TASK_READERS: dict[str, Callable[..., TaskData]] = {
+    "classification": classification_from_table,
+    "question-answering": qa_from_table,
+    "token-classification": token_classification_from_table,
+}
+
+# Tasks whose files are not plain tables (SQuAD's nested JSON):
+# task name -> function(path, labels=..., **columns) -> TaskData.
+TASK_FILE_READERS: dict[str, Callable[..., TaskData]] = {
+    "question-answering": read_qa_file,
+    "token-classification": read_token_classification_file,
+}
+
+
+def load_data(
+    source: str | os.PathLike | Any,
+    task: str = "classification",
+    split: str | None = None,
+    labels: Sequence[str] | None = None,
+    **columns: str | None,
+) -> TaskData:
+    """Read examples for ``task`` from a built-in name, a file, or an in-memory object.
+
+    Args:
+        source: a built-in data set name (``"rotten_tomatoes"``), a file path
+            (CSV, TSV, JSON, JSONL, Parquet), a ``datasets.Dataset``, a pandas
+            DataFrame, a list of dicts, or an existing ``TaskData`` (returned as is).
+        task: which reader turns rows into examples (``TASK_READERS``).
+        split: for built-in data sets: ``"train"``, ``"validation"`` or ``"test"``
+            (default ``"train"``); files are used whole.
+        labels: the training label vocabulary; labels outside it are errors.
+        **columns: column names for the task reader, e.g. ``text_column="sentence"``.
+            ``None`` values fall back to the reader's (or built-in data set's) defaults.
+    """
+    if isinstance(source, TaskData):
+        return source
+    if task not in TASK_READERS:
+        raise ValueError(f"no data reader for task {task!r}; known: {sorted(TASK_READERS)}")
+    chosen = {k: v for k, v in columns.items() if v is not None}
+    table: Table
+    if isinstance(source, (str, os.PathLike)) and str(source) in BUILTIN_DATASETS:
+        table, entry = builtin_table(str(source), split or "train")
+        if entry.task != task:
+            raise ValueError(f"{source} is a {entry.task} data set, not {task}")
+        chosen = {**entry.columns, **chosen}
+    elif isinstance(source, (str, os.PathLike)):
+        if split not in (None, "train", "validation", "test"):
+            raise ValueError(f"unknown split {split!r}")
+        if task in TASK_FILE_READERS:
+            return TASK_FILE_READERS[task](source, labels=labels, **chosen)
+        table = read_table(source)
+    else:
+        table = table_from_object(source)
+    return TASK_READERS[task](table, labels=labels, **chosen)
