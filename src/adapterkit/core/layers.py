@@ -42,6 +42,18 @@ class AdapterLayer(nn.Module):
         """The model-wide adapter state this layer reads at every forward."""
         return self.__dict__["_state"]
 
+    # Model code reads its projections' tensors directly (T5's FFN checks
+    # ``self.wo.weight.dtype``), so a wrapper shows the wrapped ones, as PEFT's do.
+    @property
+    def weight(self) -> torch.Tensor:
+        """The innermost wrapped module's ``weight``."""
+        return innermost(self.base_layer).weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The innermost wrapped module's ``bias``."""
+        return innermost(self.base_layer).bias
+
     # --- which adapters -------------------------------------------------
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds weights for."""
