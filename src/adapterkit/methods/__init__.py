@@ -1,5 +1,8 @@
 """Built-in adapter methods; importing this package registers them all."""
 
+from adapterkit.methods.bitfit import BitFitConfig
+from adapterkit.methods.bottleneck import BottleneckConfig
+from adapterkit.methods.ia3 import IA3Config
 from adapterkit.methods.lora import LoraConfig
 
-__all__ = ["LoraConfig"]
+__all__ = ["LoraConfig", "BottleneckConfig", "IA3Config", "BitFitConfig"]

@@ -1,0 +1,108 @@
+"""BitFit (Ben Zaken et al., 2022): train only the biases.
+
+Rather than unfreezing the base model's own biases (which would allow only one
+BitFit adapter per model and make unload depend on remembering old values),
+every module whose output ends with ``+ bias`` (``nn.Linear``, GPT-2's
+``Conv1D``, ``nn.LayerNorm``) is wrapped, and each adapter holds a learned
+*offset* to that bias, initialised to zero:
+
+    y = base(x) + offset[adapter]        # offset: bias.shape, e.g. (out,)
+
+so ``base.bias + offset`` is the fine-tuned bias. The trainable parameters are
+named ``<module>.bitfit.<adapter>.bias``. Task heads are left alone (they train
+with every adapter anyway).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from adapterkit.core.architectures import model_type
+from adapterkit.core.config import AdapterConfig
+from adapterkit.core.layers import AdapterLayer, MergeError, candidate_modules, innermost, routed_sum
+from adapterkit.core.registry import Method, register
+from adapterkit.core.state import AdapterState
+from adapterkit.core.targeting import LINEAR_TYPES, TargetError, head_paths
+
+# Modules whose forward ends by adding ``self.bias`` (broadcast over the last dims).
+BIAS_TYPES: tuple[type, ...] = LINEAR_TYPES + (nn.LayerNorm,)
+
+
+@dataclass
+class BitFitConfig(AdapterConfig):
+    """BitFit has no settings: every bias of the base model gets a learned offset."""
+
+
+class BiasOffset(nn.Module):
+    """One adapter's learned offset to one module's bias (a module so the name ends in ``bias``)."""
+
+    def __init__(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+
+
+class BitFitLayer(AdapterLayer):
+    """A biased module with one learned bias offset per adapter."""
+
+    method = "bitfit"
+    containers = ("bitfit",)
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__(base_layer, state)
+        self.bitfit = nn.ModuleDict()
+
+    def add_adapter(self, name: str, config: AdapterConfig) -> None:
+        """Create adapter ``name``'s zero offset, shaped like the wrapped bias."""
+        device, dtype = self.adapter_device_dtype()
+        self.bitfit[name] = BiasOffset(innermost(self.base_layer).bias.shape, device, dtype)
+
+    def _delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.bitfit[name].bias.to(out.dtype).expand_as(out)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        routes = self.routing(x.shape[0])
+        if routes is not None:
+            return routed_sum(x, routes, self.adapter_names(), self._delta, result)
+        for name in self.active_adapters():
+            result = result + self.bitfit[name].bias.to(result.dtype)  # (out,) broadcast
+        return result
+
+    def merge(self, name: str) -> None:
+        raise MergeError(
+            "BitFit adapters cannot be merged: the offset stays beside the base bias so that several "
+            "BitFit adapters can share one model and unload restores the original bias bit-identically "
+            "(at inference it costs one addition)"
+        )
+
+
+@register
+class BitFitMethod(Method):
+    """Registry entry for BitFit."""
+
+    name = "bitfit"
+    config_class = BitFitConfig
+    layer_class = BitFitLayer
+
+    def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+        heads = head_paths(model)
+        paths = [
+            path for path, module in candidate_modules(model)
+            if isinstance(innermost(module), BIAS_TYPES)
+            and getattr(innermost(module), "bias", None) is not None
+            and not any(path == h or path.startswith(h + ".") for h in heads)
+        ]
+        if not paths:
+            raise TargetError(
+                f"BitFit: {type(model).__name__} (model_type {model_type(model)!r}) has no bias in any "
+                "Linear, Conv1D or LayerNorm module outside the task head (Llama-style models are built "
+                "without biases), so BitFit has nothing to train; use lora or ia3 instead"
+            )
+        return paths
+
+
+__all__ = ["BitFitConfig", "BitFitLayer", "BitFitMethod"]

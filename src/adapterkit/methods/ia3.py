@@ -1,0 +1,257 @@
+"""(IA)^3 (Liu et al., 2022): learned vectors that rescale activations.
+
+Keys and values are scaled at the projection's output, ``y -> l * y``; the FFN
+intermediate activation is scaled at the input of the FFN output projection,
+``y = W (l * x) + b``. Every vector starts at 1, so the model is unchanged at
+init. Both scalings are diagonal, hence mergeable into the weight.
+
+Names and shapes follow PEFT so that files interchange: ``ia3_l[adapter]`` is
+(out_features, 1) for output scaling and (1, in_features) for feedforward
+modules, for ``nn.Linear`` and GPT-2's ``Conv1D`` alike (PEFT reads Conv1D's
+(in, out) weight shape as in/out features and sets ``fan_in_fan_out``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from adapterkit.core.architectures import arch_spec, modules_in_role
+from adapterkit.core.config import AdapterConfig, ConfigError, check_targets
+from adapterkit.core.layers import AdapterLayer, MergeError, innermost, routed_sum
+from adapterkit.core.registry import Method, register, wrap
+from adapterkit.core.state import AdapterState
+from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
+
+DEFAULT_ROLES = ("key", "value", "ffn_out")
+
+
+@dataclass
+class IA3Config(AdapterConfig):
+    """Which modules get (IA)^3 vectors.
+
+    ``targets``: PEFT-style list of names / name suffixes, a regex over the full
+    path, ``"all-linear"``, or None for the keys, values and FFN output
+    projections of the architecture table. ``feedforward``: which targets scale
+    their *input*; None means the targets that play the ``ffn_out`` role. A
+    list or regex is matched as PEFT matches ``feedforward_modules`` (regex:
+    full match; list: path ends with a name) so that PEFT adapters load as-is.
+    """
+
+    targets: list[str] | str | None = None
+    feedforward: list[str] | str | None = None
+
+    def validate(self) -> None:
+        check_targets(self)
+        ff = self.feedforward
+        if isinstance(ff, (list, tuple)) and all(isinstance(v, str) for v in ff):
+            self.feedforward = list(ff)
+        elif ff is not None and not isinstance(ff, str):
+            raise ConfigError(f"IA3Config.feedforward must be None, a regex string or a list of names, got {ff!r}")
+        if isinstance(self.feedforward, list) and isinstance(self.targets, list):
+            extra = sorted(set(self.feedforward) - set(self.targets))
+            if extra:  # PEFT refuses this too
+                raise ConfigError(f"IA3Config.feedforward names {extra} are not among targets {self.targets}")
+
+
+def is_feedforward_name(path: str, feedforward: list[str] | str) -> bool:
+    """PEFT's rule: regex full match, or the path ends with one of the names."""
+    if isinstance(feedforward, str):
+        return re.fullmatch(feedforward, path) is not None
+    return any(path.endswith(name) for name in feedforward)
+
+
+class IA3Layer(AdapterLayer):
+    """A Linear or Conv1D layer whose output (or input) is rescaled per adapter."""
+
+    method = "ia3"
+    containers = ("ia3_l",)
+
+    def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
+        super().__init__(base_layer, state)
+        core = innermost(base_layer)
+        self.fan_in_fan_out = not isinstance(core, nn.Linear)  # Conv1D weight is (in, out)
+        rows, cols = core.weight.shape
+        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        self.ia3_l = nn.ParameterDict()
+        self.is_feedforward: dict[str, bool] = {}
+        self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def add_adapter(self, name: str, config: AdapterConfig, feedforward: bool = False) -> None:
+        """Create adapter ``name``: ones of shape (1, in) if ``feedforward`` else (out, 1)."""
+        device, dtype = self.adapter_device_dtype()
+        shape = (1, self.in_features) if feedforward else (self.out_features, 1)
+        self.ia3_l[name] = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        self.is_feedforward[name] = feedforward
+
+    def remove_adapter(self, name: str) -> None:
+        super().remove_adapter(name)
+        self.is_feedforward.pop(name, None)
+
+    # --- forward ------------------------------------------------------------
+    def _product(self, names: list[str]) -> torch.Tensor | None:
+        """Elementwise product of the named vectors, flattened to (features,)."""
+        scale = None
+        for name in names:
+            vector = self.ia3_l[name].flatten()
+            scale = vector if scale is None else scale * vector
+        return scale
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        routes = self.routing(x.shape[0])
+        if routes is not None:
+            return self._routed(x, routes, *args, **kwargs)
+        active = self.active_adapters()
+        scale_in = self._product([n for n in active if self.is_feedforward[n]])  # (in,)
+        scale_out = self._product([n for n in active if not self.is_feedforward[n]])  # (out,)
+        if scale_in is not None:
+            x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
+        result = self.base_layer(x, *args, **kwargs)
+        if scale_out is not None:
+            result = (result.to(scale_out.dtype) * scale_out).to(result.dtype)
+        return result
+
+    def _routed(self, x: torch.Tensor, routes: list[str | None], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Per-example adapters, written as additive deltas for :func:`routed_sum`."""
+        def delta(name: str, rows_in: torch.Tensor, rows_out: torch.Tensor) -> torch.Tensor:
+            scale = self.ia3_l[name].flatten()
+            if self.is_feedforward[name]:  # W (l * x) + b - (W x + b)
+                scaled = (rows_in.to(scale.dtype) * scale).to(rows_in.dtype)
+                return self.base_layer(scaled, *args, **kwargs) - rows_out
+            return rows_out.to(scale.dtype) * (scale - 1)  # l * y - y
+
+        result = self.base_layer(x, *args, **kwargs)
+        return routed_sum(x, routes, self.adapter_names(), delta, result)
+
+    # --- merging --------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is already merged")
+        if isinstance(self.base_layer, AdapterLayer):
+            raise MergeError(
+                f"cannot merge IA3 adapter {name!r}: a {self.base_layer.method} wrapper sits inside it, "
+                "and folding the scale into the base weight would leave that adapter's output unscaled"
+            )
+        if self._original is None:  # kept so that unmerge restores bit-identically
+            bias = self.base_layer.bias
+            self._original = (self.base_layer.weight.data.clone(), None if bias is None else bias.data.clone())
+        self.merged_adapters.append(name)
+        self._fold()
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            raise MergeError(f"adapter {name!r} is not merged")
+        self.merged_adapters.remove(name)
+        if self.merged_adapters:
+            self._fold()
+            return
+        assert self._original is not None
+        weight, bias = self._original
+        self.base_layer.weight.data = weight
+        if bias is not None:
+            self.base_layer.bias.data = bias
+        self._original = None
+
+    def _fold(self) -> None:
+        """Base weight and bias = original ones scaled by every merged adapter."""
+        assert self._original is not None
+        weight, bias = self._original
+        merged_w = weight.to(torch.float32) if weight.dtype != torch.float64 else weight
+        merged_b = None if bias is None else bias.to(merged_w.dtype)
+        for name in self.merged_adapters:
+            vector = self.ia3_l[name].detach().to(merged_w.dtype)
+            # Linear weight (out, in): output scale (out, 1) scales rows, input scale (1, in)
+            # columns. Conv1D weight (in, out): the transposed vector does the same.
+            merged_w = merged_w * (vector.T if self.fan_in_fan_out else vector)
+            if merged_b is not None and not self.is_feedforward[name]:
+                merged_b = merged_b * vector.flatten()  # input scaling leaves the bias alone
+        self.base_layer.weight.data = merged_w.to(weight.dtype)
+        if bias is not None and merged_b is not None:
+            self.base_layer.bias.data = merged_b.to(bias.dtype)
+
+
+@register
+class IA3Method(Method):
+    """Registry entry for (IA)^3."""
+
+    name = "ia3"
+    config_class = IA3Config
+    layer_class = IA3Layer
+    peft_type = "IA3"
+    mergeable = True
+
+    def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
+        assert isinstance(config, IA3Config)
+        return resolve_targets(model, config.targets, LINEAR_TYPES, default_roles=DEFAULT_ROLES, method="IA3")
+
+    def feedforward_paths(self, model: nn.Module, config: IA3Config, paths: list[str]) -> set[str]:
+        """The targets that scale their input rather than their output."""
+        if config.feedforward is None:
+            return set(paths) & set(modules_in_role(model, "ffn_out"))
+        return {p for p in paths if is_feedforward_name(p, config.feedforward)}
+
+    def attach(self, model: nn.Module, name: str, config: AdapterConfig, state: AdapterState) -> None:
+        assert isinstance(config, IA3Config)
+        paths = self.target_paths(model, config)
+        feedforward = self.feedforward_paths(model, config, paths)
+        for path in paths:
+            wrap(model, path, IA3Layer, state).add_adapter(name, config, feedforward=path in feedforward)
+
+    # --- PEFT interchange -------------------------------------------------------
+    def peft_config(self, config: AdapterConfig, model: nn.Module) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` for ``config`` on ``model`` (same modules, same roles)."""
+        assert isinstance(config, IA3Config)
+        paths = self.target_paths(model, config)
+        spec = arch_spec(model)
+        if config.targets is None:
+            assert spec is not None  # target_paths raised otherwise
+            targets: list[str] | str = _role_regex([spec.roles[r] for r in DEFAULT_ROLES])
+        elif config.targets == "all-linear":
+            targets = paths  # PEFT's all-linear keeps classification heads; ours doesn't
+        else:
+            targets = config.targets
+        if config.feedforward is not None:
+            feedforward: list[str] | str = config.feedforward
+        elif spec is not None and "ffn_out" in spec.roles:
+            feedforward = _role_regex([spec.roles["ffn_out"]])
+        else:
+            feedforward = []
+        fan_in_fan_out = any(not isinstance(innermost(model.get_submodule(p)), nn.Linear) for p in paths)
+        return {
+            "peft_type": "IA3", "task_type": None, "inference_mode": True,
+            "base_model_name_or_path": None, "revision": None,
+            "target_modules": targets, "exclude_modules": None, "feedforward_modules": feedforward,
+            "fan_in_fan_out": fan_in_fan_out, "modules_to_save": None, "init_ia3_weights": True,
+        }
+
+    def config_from_peft(self, data: dict[str, Any]) -> IA3Config:
+        """Our config for a PEFT IA3 ``adapter_config.json``."""
+        if data.get("peft_type") != "IA3":
+            raise ConfigError(f"expected a PEFT config with peft_type 'IA3', got {data.get('peft_type')!r}")
+        if data.get("exclude_modules"):
+            raise ConfigError(
+                f"PEFT IA3 config uses exclude_modules={data['exclude_modules']!r}, which adapterkit does "
+                "not support; list the wanted modules in target_modules instead"
+            )
+        targets, feedforward = data.get("target_modules"), data.get("feedforward_modules")
+        if isinstance(targets, (set, tuple)):
+            targets = sorted(targets)
+        if isinstance(feedforward, (set, tuple)):
+            feedforward = sorted(feedforward)
+        if isinstance(feedforward, list) and isinstance(targets, list):
+            feedforward = [f for f in feedforward if f in targets]  # PEFT guarantees a subset
+        return IA3Config(targets=targets, feedforward=feedforward)
+
+
+def _role_regex(roles: list[str]) -> str:
+    """A regex that PEFT full-matches against module paths, equal to our role matching."""
+    return r"(.*\.)?(" + "|".join(f"({r})" for r in dict.fromkeys(roles)) + ")"
+
+
+__all__ = ["IA3Config", "IA3Layer", "IA3Method"]
