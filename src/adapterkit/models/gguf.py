@@ -15,12 +15,15 @@ the same finished folder.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -54,6 +57,29 @@ def _check_requirements() -> None:
         )
 
 
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """Reuse one parse of the GGUF file (and one tensor-name table) while loading.
+
+    transformers parses the file's metadata separately for the tokenizer,
+    the config and the weights (each parse walks ~50k vocabulary strings in
+    pure Python, ~10-30 s on a small CPU), and rebuilds gguf's tensor-name
+    table for every tensor. Both are read-only, so within one conversion the
+    first result serves every later call; the originals are restored after.
+    """
+    import gguf as gguf_package
+
+    names = ("GGUFReader", "get_tensor_name_map")
+    originals = {name: getattr(gguf_package, name) for name in names}
+    try:
+        for name, original in originals.items():
+            setattr(gguf_package, name, functools.lru_cache(maxsize=4)(original))
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf_package, name, original)
+
+
 def load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file with transformers, dequantised to float32, ready to save.
 
@@ -65,8 +91,9 @@ def load_gguf(gguf_path: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True)
+    with _parse_gguf_once():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
