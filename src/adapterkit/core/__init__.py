@@ -19,6 +19,14 @@ from adapterkit.core.lifecycle import (
     unmerge,
 )
 from adapterkit.core.registry import Method, get_config_class, get_method, register, registered_methods
+from adapterkit.core.serialization import (
+    AdapterFileError,
+    BaseModelMismatchError,
+    MissingAdapterFileError,
+    load_adapter,
+    read_adapter_metadata,
+    save_adapter,
+)
 from adapterkit.core.targeting import TargetError
 
 __all__ = [
@@ -27,4 +35,6 @@ __all__ = [
     "delete_adapter", "get_adapter_config", "head_parameters", "list_adapters", "merge",
     "route", "set_active", "trainable_summary", "unload", "unmerge", "get_config_class",
     "get_method", "register", "registered_methods",
+    "save_adapter", "load_adapter", "read_adapter_metadata", "AdapterFileError",
+    "MissingAdapterFileError", "BaseModelMismatchError",
 ]

@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 
 from adapterkit.core.config import AdapterConfig
-from adapterkit.core.layers import AdapterLayer, adapter_layers, find_layer, get_store, set_submodule
+from adapterkit.core.layers import (
+    STORE_ATTR,
+    AdapterLayer,
+    adapter_layers,
+    find_layer,
+    get_store,
+    set_submodule,
+)
 from adapterkit.core.state import AdapterState
 
 
@@ -68,37 +75,100 @@ class Method:
                 yield f"adapterkit_store.adapters.{name}.{local}", param
 
     def export_tensors(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-        """The tensors that make up adapter ``name`` as saved to disk (our own names)."""
-        return {k: p.detach() for k, p in self.parameters_of(model, name)}
+        """Adapter ``name``'s tensors under their on-disk names.
+
+        The default names a tensor by its parameter path with the adapter-name
+        component and any wrapper (``base_layer``) components removed, e.g.
+        ``bert.encoder.layer.0.attention.self.query.lora_A.weight`` -- PEFT's
+        own naming, less its ``base_model.model.`` prefix. Methods whose
+        tensors live elsewhere (prompt, prefix) override this pair of methods.
+        """
+        return {key: param.detach() for key, param in self.disk_parameters(model, name).items()}
 
     def import_tensors(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Load tensors produced by :meth:`export_tensors` into adapter ``name``."""
-        own = dict(self.parameters_of(model, name))
+        """Copy tensors named as by :meth:`export_tensors` into adapter ``name``.
+
+        A tensor whose shape differs from the parameter's only by size-1
+        dimensions (``(out, 1)`` against ``(out,)``) is reshaped.
+        """
+        own = self.disk_parameters(model, name)
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
             raise ValueError(
-                f"adapter {name!r}: saved tensors do not fit the model; "
-                f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                f"adapter {name!r} ({self.name}): the saved tensors do not fit the model: "
+                f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                f"(e.g. {unexpected[:3]}); was it saved from another base model or config?"
             )
         with torch.no_grad():
             for key, param in own.items():
-                src = tensors[key]
-                if src.shape != param.shape:
-                    raise ValueError(
-                        f"adapter {name!r}: tensor {key} has shape {tuple(src.shape)} in the file "
-                        f"but {tuple(param.shape)} in the model (was it trained on another base?)"
-                    )
-                param.copy_(src.to(param.dtype))
+                param.copy_(fit_shape(tensors[key], param, key).to(param.dtype))
+
+    def disk_parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """On-disk name -> parameter for adapter ``name`` (see :meth:`export_tensors`)."""
+        return {disk_name(model, path, name): param for path, param in self.parameters_of(model, name)}
 
     # --- PEFT interchange (methods PEFT also has override these) -----------
-    def to_peft(self, model: nn.Module, name: str, config: AdapterConfig) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT ``adapter_config.json`` content and PEFT-named tensors."""
+    def peft_config(self, config: AdapterConfig, model: nn.Module) -> dict[str, Any]:
+        """PEFT's ``adapter_config.json`` content for ``config`` on ``model``.
+
+        Must hold ``peft_type``; ``modules_to_save`` and an unset ``task_type``
+        are filled in by the saver. Tensor names come from :meth:`export_tensors`.
+        """
         raise NotImplementedError(f"{self.name} has no PEFT counterpart")
 
-    def from_peft(self, peft_config: dict[str, Any]) -> AdapterConfig:
-        """Our config for a PEFT ``adapter_config.json``."""
+    def config_from_peft(self, data: dict[str, Any]) -> AdapterConfig:
+        """Our config for a PEFT ``adapter_config.json`` (raise ConfigError for what we cannot honour)."""
         raise NotImplementedError(f"{self.name} has no PEFT counterpart")
+
+
+WRAPPER_COMPONENT = "base_layer"
+
+
+def disk_name(model: nn.Module, path: str, name: str) -> str:
+    """``path`` of a parameter of adapter ``name`` without the adapter name and wrappers.
+
+    The adapter-name component is the one right after an adapter layer's
+    container (``query.lora_A.<name>.weight``) or the store's
+    ``adapters.<name>``; failing both, its last occurrence.
+    """
+    parts = path.split(".")
+    drop = None
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] != name:
+            continue
+        owner = ".".join(parts[: i - 1])
+        module = model.get_submodule(owner) if _has_submodule(model, owner) else None
+        in_store = i == 2 and parts[:2] == [STORE_ATTR, "adapters"]
+        if in_store or (isinstance(module, AdapterLayer) and parts[i - 1] in module.containers):
+            drop = i
+            break
+        if drop is None:
+            drop = i
+    if drop is not None:
+        parts = parts[:drop] + parts[drop + 1:]
+    return ".".join(p for p in parts if p != WRAPPER_COMPONENT)
+
+
+def fit_shape(tensor: torch.Tensor, param: torch.Tensor, key: str) -> torch.Tensor:
+    """``tensor`` in ``param``'s shape, if they differ only by size-1 dimensions."""
+    if tensor.shape == param.shape:
+        return tensor
+    squeeze = lambda shape: [d for d in shape if d != 1]  # noqa: E731
+    if squeeze(tensor.shape) == squeeze(param.shape):
+        return tensor.reshape(param.shape)
+    raise ValueError(
+        f"tensor {key} has shape {tuple(tensor.shape)} in the file but {tuple(param.shape)} "
+        "in the model; the adapter was made for a base model with other layer sizes"
+    )
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def wrap(model: nn.Module, path: str, layer_class: type[AdapterLayer], state: AdapterState) -> AdapterLayer:

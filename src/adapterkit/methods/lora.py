@@ -119,7 +119,9 @@ class LoraLayer(AdapterLayer):
             return (hidden @ self.lora_embedding_B[name].T) * scale
         lora_a, lora_b = self.lora_A[name], self.lora_B[name]
         dropped = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-        update = lora_b(lora_a(dropped)) * scale  # (..., out)
+        # Scale the (..., rank) intermediate rather than the (..., out) result: same
+        # value, a fraction of the elementwise work.
+        update = lora_b(lora_a(dropped) * scale)  # (..., out)
         if name not in self.lora_magnitude_vector:
             return update
         return self._dora_delta(name, dropped, base_out, update)
@@ -143,8 +145,16 @@ class LoraLayer(AdapterLayer):
         routes = self.routing(x.shape[0])
         if routes is not None:
             return routed_sum(x, routes, self.adapter_names(), self._delta, result)
-        for name in self.active_adapters():
-            result = result + self._delta(name, x, result).to(result.dtype)
+        active = self.active_adapters()
+        if not active:
+            return result
+        # The plain linear layers do not keep their output for backward, so the
+        # deltas can be added in place (one (..., out) allocation fewer per adapter).
+        in_place = self.base_layer.__class__ in _INPLACE_SAFE and not any(
+            n in self.lora_magnitude_vector for n in active)
+        for name in active:
+            delta = self._delta(name, x, result).to(result.dtype)
+            result = result.add_(delta) if in_place else result + delta
         return result
 
     # --- merging --------------------------------------------------------------
@@ -184,6 +194,9 @@ class LoraLayer(AdapterLayer):
         weight.data -= self.delta_weight(name).to(weight.dtype)
 
 
+_INPLACE_SAFE: tuple[type, ...] = (nn.Linear,) + tuple(t for t in LINEAR_TYPES if t is not nn.Linear)
+
+
 def base_layer_core(module: nn.Module) -> nn.Module:
     """The innermost original module (LoRA may wrap another method's wrapper)."""
     while isinstance(module, AdapterLayer):
@@ -209,3 +222,62 @@ class LoraMethod(Method):
         defaults = spec.lora_targets if spec else ()
         return resolve_targets(model, config.targets, LINEAR_TYPES + (nn.Embedding,),
                                default_names=defaults, method="LoRA")
+
+    # --- PEFT interchange -------------------------------------------------------
+    # PEFT LoraConfig fields that change the computation in ways LoraConfig cannot express
+    peft_unsupported = ("rank_pattern", "alpha_pattern", "bias", "lora_bias", "layers_to_transform",
+                        "exclude_modules", "target_parameters", "trainable_token_indices",
+                        "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora",
+                        "arrow_config", "megatron_config")
+
+    def peft_config(self, config: AdapterConfig, model: nn.Module) -> dict[str, Any]:
+        """PEFT's ``LoraConfig`` fields for ``config`` on ``model``.
+
+        Targets: the user's list or regex as given; for None the architecture's
+        default names; for ``"all-linear"`` the resolved module paths (PEFT's
+        own all-linear picks a different set). ``fan_in_fan_out`` is on when a
+        target is GPT-2's ``Conv1D`` (PEFT switches it off for plain Linear layers).
+        """
+        assert isinstance(config, LoraConfig)
+        from adapterkit.core.architectures import arch_spec
+
+        paths = self.target_paths(model, config)
+        if config.targets is None:
+            spec = arch_spec(model)
+            assert spec is not None  # target_paths raised otherwise
+            targets: list[str] | str = list(spec.lora_targets)
+        elif config.targets == "all-linear":
+            targets = paths
+        else:
+            targets = config.targets
+        cores = [base_layer_core(model.get_submodule(p)) for p in paths]
+        return {
+            "peft_type": "LORA", "task_type": None, "inference_mode": True,
+            "base_model_name_or_path": None, "revision": None,
+            "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+            "target_modules": targets, "exclude_modules": None,
+            "fan_in_fan_out": any(not isinstance(c, (nn.Linear, nn.Embedding)) for c in cores),
+            "use_rslora": config.use_rslora, "use_dora": config.use_dora,
+            "bias": "none", "lora_bias": False, "init_lora_weights": True, "modules_to_save": None,
+            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        }
+
+    def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
+        """Our config for a PEFT LoRA ``adapter_config.json``; refuses PEFT features we lack."""
+        if data.get("peft_type") != "LORA":
+            raise ConfigError(f"expected a PEFT config with peft_type 'LORA', got {data.get('peft_type')!r}")
+        unsupported = {key: data[key] for key in self.peft_unsupported
+                       if data.get(key) not in (None, False, {}, [], "none", "")}
+        if unsupported:
+            raise ConfigError(
+                f"PEFT LoRA config uses {unsupported}, which adapterkit's LoraConfig does not support "
+                "(it has one rank, alpha and dropout for all targets and trains no biases)"
+            )
+        targets = data.get("target_modules")
+        if isinstance(targets, (set, tuple)):
+            targets = sorted(targets)
+        return LoraConfig(rank=int(data.get("r", 8)), alpha=data.get("lora_alpha", 8),
+                          dropout=float(data.get("lora_dropout", 0.0)), targets=targets,
+                          use_rslora=bool(data.get("use_rslora", False)),
+                          use_dora=bool(data.get("use_dora", False)))
+
