@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -10,7 +11,8 @@ from adapterkit.data.builtin import BUILTIN_DATASETS, builtin_table
 from adapterkit.data.classification import classification_from_table
 from adapterkit.data.examples import TaskData
 from adapterkit.data.squad import qa_from_table, read_qa_file
-from adapterkit.data.tables import Table, read_table, table_from_object
+from adapterkit.data.errors import DataError
+from adapterkit.data.tables import SUPPORTED_SUFFIXES, Table, decode_utf8, read_table, table_from_object
 from adapterkit.data.token_classification import read_token_classification_file, token_classification_from_table
 
 # Task name -> function(table, labels=..., **columns) -> TaskData.
@@ -68,3 +70,19 @@ def load_data(
     else:
         table = table_from_object(source)
     return TASK_READERS[task](table, labels=labels, **chosen)
+
+
+def read_texts(path: str | os.PathLike, text_column: str = "text") -> list[str]:
+    """Input texts from a file: a table's ``text_column`` for CSV/TSV/JSON/JSONL/Parquet,
+    else one text per non-empty line."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if any(s in SUPPORTED_SUFFIXES for s in suffixes):
+        table = read_table(path)
+        if text_column not in table.frame.columns:
+            raise DataError(str(path), f"no text column {text_column!r}; the columns found are "
+                            f"{[str(c) for c in table.frame.columns]}")
+        return [str(t) for t in table.frame[text_column].tolist()]
+    if not Path(path).is_file():
+        raise DataError(str(path), "no such file")
+    text = decode_utf8(Path(path).read_bytes(), str(path))
+    return [line for line in text.splitlines() if line.strip()]

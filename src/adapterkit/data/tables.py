@@ -46,7 +46,8 @@ class Table:
         return f"record {i + 1}"
 
 
-def _decode_utf8(raw: bytes, source: str) -> str:
+def decode_utf8(raw: bytes, source: str) -> str:
+    """Strict UTF-8 decoding; a bad byte is a ``DataError`` with its line and offset."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -63,6 +64,9 @@ def _decode_utf8(raw: bytes, source: str) -> str:
     if not text.strip():
         raise DataError(source, "the file is empty")
     return text
+
+
+_decode_utf8 = decode_utf8  # the earlier private name, still imported elsewhere
 
 
 def _read_delimited(text: str, source: str, sep: str) -> Table:
@@ -159,7 +163,7 @@ def read_table(path: str | Path) -> Table:
         raw = path.read_bytes()
         if compression:
             raw = DECOMPRESSORS[compression](raw)
-        table = TEXT_READERS[fmt](_decode_utf8(raw, source), source)
+        table = TEXT_READERS[fmt](decode_utf8(raw, source), source)
     else:
         raise DataError(source, f"unknown file type {fmt or '(no suffix)'!r}; "
                         f"expected one of {', '.join(SUPPORTED_SUFFIXES)}")
