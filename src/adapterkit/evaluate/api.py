@@ -1,0 +1,94 @@
+"""``evaluate`` and ``predict``: a model (with its adapter) against data or texts."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapterkit.data import TaskData, load_data
+from adapterkit.evaluate.plots import plot_confusion_matrix
+from adapterkit.evaluate.runner import run_inference
+from adapterkit.tasks import get_task, task_name_for_model
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def model_labels(model: PreTrainedModel) -> list[str] | None:
+    """The label names of the model's head, in index order (``None`` without a label head)."""
+    id2label = getattr(model.config, "id2label", None)
+    if not id2label or model.config.num_labels is None:
+        return None
+    return [str(id2label.get(i, id2label.get(str(i), i))) for i in range(model.config.num_labels)]
+
+
+def _max_length(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> int:
+    if max_length is not None:
+        return max_length
+    limit = getattr(tokenizer, "model_max_length", None) or DEFAULT_MAX_LENGTH
+    return min(int(limit), DEFAULT_MAX_LENGTH)
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data: TaskData | str | os.PathLike | Any,
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    split: str = "test",
+    **columns: str | None,
+) -> dict[str, Any]:
+    """Metrics of the model on labelled ``data``.
+
+    Args:
+        data: a ``TaskData``, or anything ``load_data`` reads (a file, a built-in
+            name, a ``datasets.Dataset``...); labels are matched to the model's.
+        batch_size / max_length: inference batching and truncation.
+        output_dir: when given, writes ``metrics.json`` and, for labelled
+            tasks, ``confusion_matrix.png`` there.
+        split: the split of a built-in data set.
+        **columns: column names for reading ``data`` (``text_column=...``).
+
+    Returns:
+        For classification: ``accuracy``, ``macro_precision``, ``macro_recall``,
+        ``macro_f1``, ``loss``, ``per_class`` (label -> precision/recall/f1/support),
+        ``confusion_matrix`` (rows true, columns predicted), ``labels``, ``count``.
+    """
+    task = get_task(data.task if isinstance(data, TaskData) else task_name_for_model(model))
+    labels = model_labels(model)
+    if not isinstance(data, TaskData):
+        data = load_data(data, task=task.name, split=split, labels=labels, **columns)
+    data = task.relabel(data, labels)
+    length = _max_length(tokenizer, max_length)
+    predictions, outputs = run_inference(model, tokenizer, task, data, length, batch_size)
+    metrics = task.score(data, predictions, outputs)
+    if output_dir is not None:
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        if "confusion_matrix" in metrics:
+            plot_confusion_matrix(metrics["confusion_matrix"], metrics["labels"], folder / "confusion_matrix.png")
+    return metrics
+
+
+def predict(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> list[Any]:
+    """One prediction per text; for classification a ``(label, score)`` named tuple."""
+    task = get_task(task_name_for_model(model))
+    if isinstance(texts, str):
+        texts = [texts]
+    data = task.from_texts(texts, model_labels(model))
+    predictions, _ = run_inference(model, tokenizer, task, data, _max_length(tokenizer, max_length), batch_size)
+    return predictions

@@ -1,0 +1,58 @@
+"""Run a task's inference over a data set in length-sorted batches.
+
+Shared by ``evaluate``/``predict`` and by the training loop's periodic
+evaluation; the model's train/eval mode is restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapterkit.data.examples import TaskData
+from adapterkit.tasks.base import Feature, Task
+
+
+def inference_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Index batches sorted by length, longest first: least padding, no randomness."""
+    order = np.argsort(-np.asarray(lengths), kind="stable")
+    return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+
+
+def autocast(bf16: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on the CPU when asked for, else nothing."""
+    if bf16:
+        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_inference(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    data: TaskData,
+    max_length: int,
+    batch_size: int = 64,
+    features: list[Feature] | None = None,
+    bf16: bool = False,
+) -> tuple[list[Any], list[Any]]:
+    """``(predictions per example, raw outputs per feature)`` for ``data``."""
+    if features is None:
+        features = task.encode(data, tokenizer, max_length)
+    outputs: list[Any] = [None] * len(features)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast(bf16):
+            for indices in inference_batches([task.length(f) for f in features], batch_size):
+                batch = task.collate([features[i] for i in indices], tokenizer)
+                for i, out in zip(indices, task.infer(model, batch)):
+                    outputs[i] = out
+    finally:
+        model.train(was_training)
+    return task.decode(data, features, outputs), outputs
