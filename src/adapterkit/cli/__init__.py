@@ -1,0 +1,1 @@
+"""The ``adapterkit`` command line."""

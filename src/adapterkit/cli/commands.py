@@ -1,0 +1,175 @@
+"""The typed functions behind each ``adapterkit`` command: call, then print.
+
+Every decision (defaults, merging the YAML file with flags, which base model
+an adapter needs) lives in the library; these functions only connect the
+command line to it and write the results to stdout.
+"""
+
+from __future__ import annotations
+
+import json as json_lib
+import sys
+from pathlib import Path
+from typing import Literal
+
+from adapterkit.data import read_texts
+from adapterkit.evaluate import evaluate as evaluate_model
+from adapterkit.evaluate import format_adapter_info, format_metrics
+from adapterkit.evaluate import predict as predict_texts
+from adapterkit.models import adapter_info, load_with_adapter
+from adapterkit.tasks import get_task
+
+Method = Literal["lora", "bottleneck", "ia3", "prefix", "prompt", "bitfit"]
+
+
+def train(
+    config: Path | None = None,
+    model: str | None = None,
+    task: str | None = None,
+    data: str | None = None,
+    eval_data: str | None = None,
+    test_data: str | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    text_pair_column: str | None = None,
+    method: Method | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    output: str | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    json: bool = False,
+) -> int:
+    """Train an adapter (default: LoRA on minilm with rotten_tomatoes) and test it.
+
+    Args:
+        config: a YAML run file; the flags below override its values.
+        model: model alias (minilm) or local Hugging Face folder.
+        task: the task (default classification).
+        data: training data: rotten_tomatoes or a CSV/TSV/JSON/JSONL/Parquet file.
+        eval_data: validation file (default: the built-in validation split, or 10% of the training file).
+        test_data: test file (default: the built-in test split).
+        text_column: column with the text.
+        label_column: column with the label.
+        text_pair_column: column with the second text of sentence pairs.
+        method: adapter method.
+        epochs: passes over the training data.
+        max_steps: optimizer steps (overrides epochs).
+        batch_size: examples per step.
+        lr: peak learning rate of the adapter.
+        output: run folder (default runs/<date-time>); the adapter lands in OUTPUT/adapter.
+        seed: random seed.
+        resume: continue the interrupted run in --output from its last checkpoint.
+        json: print the result as JSON.
+    """
+    from adapterkit.train.recipe import RunConfig, run
+
+    run_config = RunConfig.resolve(
+        config, model=model, task=task, data=data, eval_data=eval_data, test_data=test_data,
+        text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
+        method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+        output=output, seed=seed, resume=resume or None)
+    result = run(run_config)
+    summary = {
+        "output": result.output_dir, "adapter": result.adapter_dir,
+        "steps": result.train.step, "trainable": result.trainable,
+        "validation": {k: v for k, v in result.train.metrics.items() if isinstance(v, (int, float))},
+        "test": {k: v for k, v in result.test_metrics.items() if isinstance(v, (int, float))},
+        "wall_time_s": round(result.wall_time_s, 1),
+    }
+    if json:
+        print(json_lib.dumps(summary, indent=1))
+        return 0
+    print(f"run folder:   {result.output_dir}")
+    print(f"adapter:      {result.adapter_dir}")
+    print(f"trainable:    {result.trainable['trainable']:,} of {result.trainable['total']:,} "
+          f"parameters ({result.trainable['percent']:.2f}%)")
+    metric = result.train.metric
+    if result.train.best_metric is not None:
+        print(f"validation:   {metric} {result.train.best_metric:.4f} (best, step {result.train.best_step})")
+    if result.test_metrics:
+        print(f"test:         {metric} {result.test_metrics[metric]:.4f} "
+              f"on {result.test_metrics.get('count', '?')} examples")
+    print(f"time:         {result.wall_time_s / 60:.1f} min")
+    return 0
+
+
+def evaluate(
+    *,
+    adapter: Path,
+    data: str,
+    split: str = "test",
+    text_column: str | None = None,
+    label_column: str | None = None,
+    batch_size: int = 64,
+    json: bool = False,
+) -> int:
+    """Evaluate a trained adapter on labelled data; the base model comes from the adapter folder.
+
+    Args:
+        adapter: the adapter folder (a run's adapter/).
+        data: a file, or a built-in data set name.
+        split: split of a built-in data set.
+        text_column: column with the text (default: as in training).
+        label_column: column with the label (default: as in training).
+        batch_size: examples per forward pass.
+        json: print all metrics as JSON.
+    """
+    model, tokenizer, metadata = load_with_adapter(adapter)
+    columns = {**metadata.get("columns", {}),
+               **{k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}}
+    metrics = evaluate_model(model, tokenizer, data, split=split, batch_size=batch_size,
+                             max_length=metadata.get("max_length"), **columns)
+    print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
+    return 0
+
+
+def predict(
+    texts: list[str],
+    *,
+    adapter: Path,
+    file: Path | None = None,
+    text_column: str | None = None,
+    batch_size: int = 64,
+    json: bool = False,
+) -> int:
+    """Predict with a trained adapter: one line per text (label and score); reads stdin without texts.
+
+    Args:
+        texts: texts to classify.
+        adapter: the adapter folder (a run's adapter/).
+        file: a text file (one text per line) or a table file (its text column).
+        text_column: text column of a table file (default: as in training).
+        batch_size: examples per forward pass.
+        json: print a JSON list of predictions.
+    """
+    model, tokenizer, metadata = load_with_adapter(adapter)
+    inputs = list(texts)
+    if file is not None:
+        column = text_column or metadata.get("columns", {}).get("text_column", "text")
+        inputs += read_texts(file, text_column=column)
+    if not texts and file is None:
+        inputs = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    predictions = predict_texts(model, tokenizer, inputs, batch_size=batch_size,
+                                max_length=metadata.get("max_length"))
+    task = get_task(metadata.get("task", "classification"))
+    if json:
+        print(json_lib.dumps([{"text": t, **task.to_json(p)} for t, p in zip(inputs, predictions)], indent=1))
+    else:
+        for prediction in predictions:
+            print(task.format(prediction))
+    return 0
+
+
+def info(adapter: Path, json: bool = False) -> int:
+    """Show an adapter: method, base model, trainable parameters, file size, task, labels, metrics.
+
+    Args:
+        adapter: the adapter folder (a run's adapter/).
+        json: print as JSON.
+    """
+    summary = adapter_info(adapter)
+    print(json_lib.dumps(summary, indent=1) if json else format_adapter_info(summary))
+    return 0

@@ -1,0 +1,49 @@
+"""Tiny text models and data for workflow tests: a word-level BERT tokenizer
+written to disk, a 2-layer BERT built from a config, and a toy sentiment set
+that such a model learns in a few dozen steps."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+POSITIVE = ["good", "great", "fun", "lovely", "superb", "moving"]
+NEGATIVE = ["bad", "dull", "awful", "boring", "weak", "tedious"]
+FILLER = ["the", "a", "film", "movie", "plot", "was", "is", "very", "quite", "and", "story", "acting"]
+WORDS = POSITIVE + NEGATIVE + FILLER
+
+
+def tiny_tokenizer(folder: Path) -> BertTokenizer:
+    """A lower-casing word-level BERT tokenizer over ``WORDS``, saved in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {word: i for i, word in enumerate(SPECIALS + WORDS)}
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_bert_folder(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A randomly initialised 2-layer BERT classifier and its tokenizer, saved like a hub checkout."""
+    tokenizer = tiny_tokenizer(folder)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
+                        num_labels=num_labels, initializer_range=0.2)
+    torch.manual_seed(seed)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def toy_sentiment(n: int, seed: int = 0, labels: tuple[str, str] = ("neg", "pos")) -> list[dict]:
+    """``n`` rows ``{"text", "label"}``: the label is the polarity of the one sentiment word."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, rng.randint(1, 3)) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": labels[1] if positive else labels[0]})
+    return rows
