@@ -1,0 +1,154 @@
+"""Training-step throughput and peak memory: adapterkit vs PEFT vs full fine-tuning.
+
+    python bench/train_step.py [--repeats 5] [--seq 64 128] [--bf16] [--smollm]
+
+For each configuration both libraries wrap the same freshly loaded model with
+the same modules (PEFT gets the exact module paths adapterkit resolved), train
+with AdamW on the same batch, and take turns; tokens/s are medians. Peak RSS
+is measured in a fresh process per (configuration, library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+
+import adapterkit as ak  # noqa: E402
+from adapterkit.core.layers import AdapterLayer  # noqa: E402
+
+METHODS = ("lora-qv", "lora-all", "ia3", "full")
+
+
+def our_config(method: str, kind: str) -> ak.AdapterConfig:
+    if method == "lora-qv":
+        targets = ["query", "value"] if kind == "minilm" else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        return ak.LoraConfig(rank=8, alpha=16, targets=targets)
+    if method == "lora-all":
+        return ak.LoraConfig(rank=8, alpha=16, targets="all-linear")
+    if method == "ia3":
+        return ak.IA3Config()
+    raise ValueError(method)
+
+
+def build(kind: str, method: str, library: str, batch: int, seq: int) -> tuple[torch.nn.Module, dict]:
+    """A model ready to train with ``library`` and a fixed batch."""
+    torch.manual_seed(0)
+    if kind == "minilm":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(common.minilm_dir(), num_labels=2)
+        vocab = model.config.vocab_size
+        labels = torch.randint(0, 2, (batch,))
+    else:
+        from adapterkit.models import load_model
+
+        model, _ = load_model("smollm2-135m", task="causal-lm")
+        vocab = model.config.vocab_size
+        labels = None
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, vocab, (batch, seq), generator=gen)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+              "labels": labels if labels is not None else ids.clone()}
+    if method == "full":
+        return model.train(), inputs
+    config = our_config(method, kind)
+    ak.add_adapter(model, "bench", config)
+    if library == "adapterkit":
+        return model.train(), inputs
+    # PEFT on a fresh copy of the base, told exactly which modules adapterkit wrapped
+    paths = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.method != "head"]
+    peft_model = peft_wrap(kind, method, paths, model)
+    return peft_model.train(), inputs
+
+
+def peft_wrap(kind: str, method: str, paths: list[str], ours: torch.nn.Module) -> torch.nn.Module:
+    import peft
+
+    base = ak.unload(ours)
+    task = "SEQ_CLS" if kind == "minilm" else "CAUSAL_LM"
+    if method.startswith("lora"):
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=paths, task_type=task)
+    else:
+        ffn = [p for p in paths if p.endswith("output.dense") and "attention" not in p or p.endswith("down_proj")]
+        config = peft.IA3Config(target_modules=paths, feedforward_modules=ffn, task_type=task)
+    return peft.get_peft_model(base, config)
+
+
+def stepper(model: torch.nn.Module, inputs: dict, bf16: bool) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def worker(kind: str, method: str, library: str, batch: int, seq: int, bf16: bool) -> None:
+    """Fresh-process memory measurement: peak RSS over three training steps."""
+    model, inputs = build(kind, method, library, batch, seq)
+    step = stepper(model, inputs, bf16)
+    with common.PeakRSS() as rss:
+        for _ in range(3):
+            step()
+    print(json.dumps({"peak_rss_mib": rss.peak}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seq", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast")
+    parser.add_argument("--smollm", action="store_true", help="also run SmolLM2-135M, batch 8, length 256")
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        kind, method, library, batch, seq, bf16 = args.worker
+        worker(kind, method, library, int(batch), int(seq), bf16 == "1")
+        return
+    torch.set_num_threads(torch.get_num_threads())
+    print(common.machine())
+    precisions = [False, True] if args.bf16 else [False]
+    jobs = [("minilm", m, 32, s) for s in args.seq for m in args.methods]
+    if args.smollm:
+        jobs.append(("smollm2-135m", "lora-qv", 8, 256))
+    rows = []
+    for kind, method, batch, seq in jobs:
+        for bf16 in precisions:
+            libraries = ["full"] if method == "full" else ["adapterkit", "peft"]
+            steps = {lib: stepper(*build(kind, method, lib, batch, seq), bf16) for lib in libraries}
+            seconds = common.interleaved(steps, args.repeats)
+            tps = {lib: batch * seq / s for lib, s in seconds.items()}
+            mem = {}
+            if not args.no_memory:
+                for lib in libraries:
+                    flag = "1" if bf16 else "0"
+                    mem[lib] = common.run_isolated(__file__, ["--worker", kind, method, lib, str(batch), str(seq), flag])["peak_rss_mib"]
+            label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}"
+            if method == "full":
+                rows.append([label, f"{tps['full']:.0f}", "-", "-", f"{mem.get('full', 0):.0f}", "-", "-"])
+            else:
+                rows.append([label, f"{tps['adapterkit']:.0f}", f"{tps['peft']:.0f}",
+                             f"{tps['adapterkit'] / tps['peft']:.3f}",
+                             f"{mem.get('adapterkit', 0):.0f}", f"{mem.get('peft', 0):.0f}",
+                             f"{mem['adapterkit'] / mem['peft']:.3f}" if mem else "-"])
+            print(rows[-1], flush=True)
+    print(common.table(["config", "adapterkit tok/s", "peft tok/s", "speed ratio (ak/peft)",
+                        "adapterkit peak RSS MiB", "peft peak RSS MiB", "memory ratio (ak/peft)"], rows))
+
+
+if __name__ == "__main__":
+    main()
