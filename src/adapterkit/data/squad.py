@@ -140,10 +140,12 @@ def qa_from_table(table: Table, question_column: str = "question", context_colum
     return TaskData(TASK, examples, None, table.source, columns)
 
 
-def qa_from_pairs(pairs: Iterable[tuple[str, str]]) -> TaskData:
-    """Unlabelled examples from ``(question, context)`` pairs, for ``predict``."""
+def qa_from_pairs(pairs: Iterable[Any]) -> TaskData:
+    """Unlabelled examples for ``predict``: ``(question, context)`` pairs or ``{"question", "context"}`` dicts."""
     examples = []
     for i, pair in enumerate(pairs):
+        if isinstance(pair, dict) and {"question", "context"} <= set(pair):
+            pair = (pair["question"], pair["context"])
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             raise ValueError(f"question answering input {i} must be a (question, context) pair, got {pair!r}")
         examples.append(qa_example(pair[0], pair[1], (), str(i), where=f"input {i}"))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
+from adapterkit.data.squad import qa_from_pairs
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.qa_metrics import squad_scores
 from adapterkit.tasks.qa_spans import best_span_over_windows
@@ -169,6 +170,10 @@ class QuestionAnsweringTask(Task):
             metrics["loss"] = float(np.mean(losses))
         metrics["count"] = len(predictions)
         return metrics
+
+    def from_texts(self, texts: Sequence[Any], labels: Sequence[str] | None) -> TaskData:
+        """Examples from ``(question, context)`` pairs (or ``{"question", "context"}`` dicts)."""
+        return qa_from_pairs(texts)
 
     def format(self, prediction: AnswerPrediction) -> str:
         return f"{prediction.answer}\t{prediction.score:.4f}\t[{prediction.start}, {prediction.end})"
