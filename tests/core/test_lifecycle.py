@@ -101,3 +101,25 @@ def test_merge_refused_while_routing_and_merged_twice() -> None:
         with ak.route(model, ["a", "a"]):
             pass
     ak.unmerge(model)
+
+
+def test_route_with_mixed_ranks_matches_single_adapter_runs() -> None:
+    model, inputs = build_tiny("gpt2")
+    names = ["r2", "r4", "r3"]
+    for rank, name in zip((2, 4, 3), names):
+        ak.add_adapter(model, name, ak.LoraConfig(rank=rank, alpha=rank * 2))
+        with torch.no_grad():
+            for p in ak.adapter_parameters(model, name).values():
+                p.add_(torch.randn(p.shape) * 0.3)
+    batch = {k: torch.cat([v, v[:1]]) for k, v in inputs.items()}  # 3 rows
+    expected = []
+    for row, name in enumerate(names):
+        ak.set_active(model, name)
+        expected.append(output_tensor(model, {k: v[row:row + 1] for k, v in batch.items()})[0])
+    with ak.route(model, names):
+        routed = output_tensor(model, batch)
+    mask = batch["attention_mask"].bool()
+    for row in range(3):
+        torch.testing.assert_close(routed[row][mask[row]], expected[row][mask[row]], rtol=0, atol=1e-5)
+    with torch.enable_grad(), ak.route(model, names):  # with gradients on, the same numbers
+        torch.testing.assert_close(model(**batch).logits.detach(), routed, rtol=0, atol=1e-6)

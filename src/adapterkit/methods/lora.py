@@ -144,7 +144,9 @@ class LoraLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         routes = self.routing(x.shape[0])
         if routes is not None:
-            return routed_sum(x, routes, self.adapter_names(), self._delta, result)
+            if self.is_embedding or self.lora_magnitude_vector:
+                return routed_sum(x, routes, self.adapter_names(), self._delta, result)
+            return result + self._gathered_delta(x, routes).to(result.dtype)
         active = self.active_adapters()
         if not active:
             return result
@@ -156,6 +158,43 @@ class LoraLayer(AdapterLayer):
             delta = self._delta(name, x, result).to(result.dtype)
             result = result.add_(delta) if in_place else result + delta
         return result
+
+    def _gathered_delta(self, x: torch.Tensor, routes: list[str | None]) -> torch.Tensor:
+        """Per-example LoRA deltas for a mixed batch in two batched matmuls.
+
+        Every adapter's A and B (B pre-scaled) are stacked once per routing
+        pattern, with an all-zero slot for rows routed to the base model; each
+        row then gathers its own pair, so the cost does not grow with the
+        number of distinct adapters in the batch.
+        """
+        a_stack, b_stack, slots = self._stacked(tuple(routes))
+        index = torch.tensor(slots, device=x.device)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)  # (batch, tokens, in)
+        hidden = torch.bmm(rows, a_stack[index].transpose(1, 2))  # (batch, tokens, rank)
+        delta = torch.bmm(hidden, b_stack[index].transpose(1, 2))  # (batch, tokens, out)
+        return delta.reshape(*x.shape[:-1], delta.shape[-1])
+
+    def _stacked(self, routes: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(A stack, scaled B stack, slot per row), cached while gradients are off."""
+        cache = self.__dict__.setdefault("_route_cache", {})
+        key = (routes, self.state.routing_epoch)
+        if key in cache and not torch.is_grad_enabled():
+            return cache[key]
+        names = [n for n in dict.fromkeys(routes) if n is not None and n in self.lora_A]
+        rank = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
+        ref = next(iter(self.lora_A.values())).weight
+        out_features, in_features = self.base_weight().shape
+        a_stack = ref.new_zeros(len(names) + 1, rank, in_features)
+        b_stack = ref.new_zeros(len(names) + 1, out_features, rank)
+        for slot, name in enumerate(names):  # ranks may differ: pad with zeros
+            r = self.lora_A[name].weight.shape[0]
+            a_stack[slot, :r] = self.lora_A[name].weight
+            b_stack[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        slots = [names.index(n) if n in names else len(names) for n in routes]
+        cache.clear()
+        if not torch.is_grad_enabled():
+            cache[key] = (a_stack, b_stack, slots)
+        return a_stack, b_stack, slots
 
     # --- merging --------------------------------------------------------------
     def merged_weight(self, name: str) -> torch.Tensor:
