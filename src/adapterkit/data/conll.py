@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from adapterkit.data.errors import DataError
-from adapterkit.data.tables import DECOMPRESSORS, Table, _decode_utf8, read_table
+from adapterkit.data.tables import DECOMPRESSORS, Table, decode_utf8, read_table
 from adapterkit.data.tagging import split_tag
 
 # Suffixes read by ``read_table``; every other file (.txt, .conll, .tsv, .bio...)
@@ -91,7 +91,7 @@ def read_conll(path: str | Path) -> SentenceTable:
     suffix = path.suffix.lower()
     if suffix in DECOMPRESSORS:
         raw = DECOMPRESSORS[suffix](raw)
-    return parse_conll(_decode_utf8(raw, str(path)), str(path))
+    return parse_conll(decode_utf8(raw, str(path)), str(path))
 
 
 def read_token_file(path: str | Path) -> Table:

@@ -2,6 +2,7 @@
 
 from adapterkit.tasks import classification as _classification  # noqa: F401  (registers the task)
 from adapterkit.tasks import question_answering as _question_answering  # noqa: F401  (registers the task)
+from adapterkit.tasks import token_classification as _token_classification  # noqa: F401  (registers the task)
 from adapterkit.tasks.base import LOWER_IS_BETTER, Feature, Task, pad_features
 from adapterkit.tasks.classification import ClassificationTask, LabelPrediction
 from adapterkit.tasks.registry import TASKS, get_task, register_task, task_name_for_model
