@@ -37,6 +37,7 @@ def train(
     max_steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
+    max_length: int | None = None,
     output: str | None = None,
     seed: int | None = None,
     resume: bool = False,
@@ -59,6 +60,7 @@ def train(
         max_steps: optimizer steps (overrides epochs).
         batch_size: examples per step.
         lr: peak learning rate of the adapter.
+        max_length: longest input in tokens (question answering: window length).
         output: run folder (default runs/<date-time>); the adapter lands in OUTPUT/adapter.
         seed: random seed.
         resume: continue the interrupted run in --output from its last checkpoint.
@@ -70,7 +72,7 @@ def train(
         config, model=model, task=task, data=data, eval_data=eval_data, test_data=test_data,
         text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        output=output, seed=seed, resume=resume or None)
+        max_length=max_length, output=output, seed=seed, resume=resume or None)
     result = run(run_config)
     summary = {
         "output": result.output_dir, "adapter": result.adapter_dir,
@@ -132,6 +134,8 @@ def predict(
     adapter: Path,
     file: Path | None = None,
     text_column: str | None = None,
+    question: str | None = None,
+    context: str | None = None,
     batch_size: int = 64,
     json: bool = False,
 ) -> int:
@@ -142,6 +146,8 @@ def predict(
         adapter: the adapter folder (a run's adapter/).
         file: a text file (one text per line) or a table file (its text column).
         text_column: text column of a table file (default: as in training).
+        question: question answering: the question to answer from --context.
+        context: question answering: the passage that holds the answer.
         batch_size: examples per forward pass.
         json: print a JSON list of predictions.
     """
@@ -150,7 +156,11 @@ def predict(
     if file is not None:
         column = text_column or metadata.get("columns", {}).get("text_column", "text")
         inputs += read_texts(file, text_column=column)
-    if not texts and file is None:
+    if question is not None or context is not None:
+        if not (question and context):
+            raise ValueError("--question and --context go together: give both")
+        inputs.append((question, context))
+    if not inputs and file is None:
         inputs = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     predictions = predict_texts(model, tokenizer, inputs, batch_size=batch_size,
                                 max_length=metadata.get("max_length"))
