@@ -128,9 +128,12 @@ def test_projection_mlp_and_folding() -> None:
     with torch.no_grad():
         encoder.embedding.add_(1.0)  # weights changed: fold again
         assert not torch.equal(encoder(), folded)
-    # import turns the adapter into its folded table, keeping it trainable
+    # folding for good, or importing, turns the adapter into its table, still trainable
     exported = method().export_tensors(model, "p")["prompt_embeddings"]
     before = output_tensor(model, inputs)
+    encoder.fold()
+    assert not encoder.projected and encoder.table.requires_grad
+    torch.testing.assert_close(output_tensor(model, inputs), before, rtol=0, atol=0)
     method().import_tensors(model, "p", {"prompt_embeddings": exported})
     assert not encoder.projected and encoder.table.requires_grad
     torch.testing.assert_close(output_tensor(model, inputs), before)

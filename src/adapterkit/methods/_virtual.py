@@ -180,7 +180,8 @@ def check_peft_type(data: dict[str, Any], expected: str) -> None:
     if found != expected:
         raise ConfigError(f"expected a PEFT config with peft_type {expected!r}, got {found!r}")
     if not isinstance(data.get("num_virtual_tokens"), int):
-        raise ConfigError(f"PEFT {expected} config lacks an integer num_virtual_tokens: {data.get('num_virtual_tokens')!r}")
+        found = data.get("num_virtual_tokens")
+        raise ConfigError(f"PEFT {expected} config lacks an integer num_virtual_tokens (got {found!r})")
 
 
 def single_tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:

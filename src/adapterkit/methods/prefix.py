@@ -92,12 +92,13 @@ def kv_layout(model: nn.Module) -> KVLayout:
         blocks = tuple((2 * i, 2 * i + 1) for i in range(layers))
     else:
         dec_heads = getattr(config, "decoder_attention_heads", heads)
-        dec_layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None) or layers
+        dec_layers = getattr(config, "num_decoder_layers", None) or getattr(config, "decoder_layers", None)
+        dec_layers = dec_layers or layers
         if dec_heads != heads or dec_layers > layers:
             raise ConfigError(
-                f"prefix tuning on {type(model).__name__}: the decoder has {dec_layers} layers and {dec_heads} heads "
-                f"but the encoder {layers} and {heads}; PEFT's prefix layout needs decoder <= encoder layers "
-                "and equal head counts"
+                f"prefix tuning on {type(model).__name__}: the decoder has {dec_layers} layers and {dec_heads} "
+                f"heads but the encoder {layers} and {heads}; PEFT's prefix layout needs decoder <= encoder "
+                "layers and equal head counts"
             )
         blocks = tuple((4 * i % (2 * layers), (4 * i + 1) % (2 * layers)) for i in range(dec_layers))
     return KVLayout(layers, kv_heads, head_dim, hidden, blocks, enc_dec)
@@ -143,11 +144,16 @@ class PrefixEncoder(nn.Module):
         with torch.no_grad():
             return self().detach()
 
+    def fold(self) -> None:
+        """Replace the MLP by the table it computes, for good (e.g. before deployment)."""
+        if self.projected:
+            self.load_table(self.folded())
+
     def load_table(self, table: torch.Tensor) -> None:
         """Replace the weights by a folded table (the MLP, if any, is dropped)."""
         reference = next(self.parameters())
         if table.shape[0] != self.num_tokens:
-            raise ValueError(f"prefix table has {table.shape[0]} rows, the adapter {self.num_tokens} virtual tokens")
+            raise ValueError(f"prefix table has {table.shape[0]} rows but the adapter {self.num_tokens} tokens")
         trainable = any(p.requires_grad for p in self.parameters())
         for attr in ("embedding", "transform", "table"):
             if hasattr(self, attr):

@@ -52,7 +52,9 @@ class PromptTuningConfig(AdapterConfig):
     def validate(self) -> None:
         check_positive(self, "num_virtual_tokens")
         if self.init_text is not None and (not isinstance(self.init_text, str) or not self.init_text):
-            raise ConfigError(f"PromptTuningConfig.init_text must be None or a non-empty string, got {self.init_text!r}")
+            raise ConfigError(
+                f"PromptTuningConfig.init_text must be None or a non-empty string, got {self.init_text!r}"
+            )
         ids = self.init_token_ids
         if ids is not None:
             if (not isinstance(ids, (list, tuple)) or not ids
@@ -155,7 +157,7 @@ def _decoder_hooks(model: nn.Module, name: str, state: AdapterState) -> tuple[An
         kw = vt.bind_arguments(names, args, kwargs)
         prompt: PromptEmbedding = get_store(module).adapters[name]
         count = prompt.num_tokens
-        cache = kw.get(cache_key, kw.get("past_key_values"))
+        cache = kw.get(cache_key) if kw.get(cache_key) is not None else kw.get("past_key_values")
         if cache is not None and cache.get_seq_length() > 0:  # the prompt is already in the cache
             kw["attention_mask"] = vt.prepend(kw.get("attention_mask"), count, 1)
             if kw.get("position_ids") is not None:
