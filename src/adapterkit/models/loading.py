@@ -58,7 +58,7 @@ def _quiet_transformers() -> Iterator[None]:
 
 def _label_kwargs(num_labels: int | None, labels: Sequence[str] | None) -> dict:
     if labels is None:
-        return {} if num_labels is None else {"num_labels": num_labels}
+        return {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     labels = [str(label) for label in labels]
     if len(set(labels)) != len(labels):
         raise ValueError(f"labels must be distinct, got {labels}")
@@ -67,6 +67,9 @@ def _label_kwargs(num_labels: int | None, labels: Sequence[str] | None) -> dict:
             f"num_labels={num_labels} but {len(labels)} labels were given: {labels}"
         )
     return {
+        # A folder with a head of another size (a model fine-tuned elsewhere)
+        # gets a fresh head for these labels instead of a shape error.
+        "ignore_mismatched_sizes": True,
         "num_labels": len(labels),
         "id2label": dict(enumerate(labels)),
         "label2id": {label: i for i, label in enumerate(labels)},
