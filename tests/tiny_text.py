@@ -11,9 +11,9 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-POSITIVE = ["good", "great", "fun", "lovely", "superb", "moving"]
-NEGATIVE = ["bad", "dull", "awful", "boring", "weak", "tedious"]
-FILLER = ["the", "a", "film", "movie", "plot", "was", "is", "very", "quite", "and", "story", "acting"]
+POSITIVE = ["good", "great"]
+NEGATIVE = ["bad", "dull"]
+FILLER = ["the", "a", "film", "movie", "plot", "was", "is", "very", "quite", "and", "story", "acting", "scene", "actor", "ending", "music"]
 WORDS = POSITIVE + NEGATIVE + FILLER
 
 
@@ -26,12 +26,17 @@ def tiny_tokenizer(folder: Path) -> BertTokenizer:
     return tokenizer
 
 
-def tiny_bert_folder(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised 2-layer BERT classifier and its tokenizer, saved like a hub checkout."""
+def tiny_bert_folder(folder: Path, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
+    """A randomly initialised 2-layer BERT classifier and its tokenizer, saved like a hub checkout.
+
+    The large ``initializer_range`` keeps word identity visible at the [CLS]
+    position of a random model, so LoRA can learn the toy task in few steps.
+    """
     tokenizer = tiny_tokenizer(folder)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64,
-                        num_labels=num_labels, initializer_range=0.2)
+                        num_labels=num_labels, initializer_range=0.2,
+                        hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
@@ -43,7 +48,19 @@ def toy_sentiment(n: int, seed: int = 0, labels: tuple[str, str] = ("neg", "pos"
     rows = []
     for i in range(n):
         positive = i % 2 == 0
-        words = rng.sample(FILLER, rng.randint(1, 3)) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+        words = rng.sample(FILLER, rng.randint(0, 2)) + [rng.choice(POSITIVE if positive else NEGATIVE)]
         rng.shuffle(words)
         rows.append({"text": " ".join(words), "label": labels[1] if positive else labels[0]})
     return rows
+
+
+def tiny_lora_classifier(folder: Path, labels: list[str], rank: int = 4, dropout: float = 0.1, seed: int = 0):
+    """``(model, tokenizer)``: the tiny BERT in ``folder`` with a seeded LoRA adapter "toy" on query/value."""
+    from adapterkit.core import add_adapter
+    from adapterkit.methods import LoraConfig
+    from adapterkit.models import load_model
+
+    model, tokenizer = load_model(folder, labels=labels)
+    torch.manual_seed(seed)
+    add_adapter(model, "toy", LoraConfig(rank=rank, alpha=2 * rank, dropout=dropout, targets=["query", "value"]))
+    return model, tokenizer
