@@ -1,0 +1,71 @@
+"""``evaluate`` and ``predict`` against a per-example reference computation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from adapterkit.data import DataError, load_data
+from adapterkit.evaluate import evaluate, predict
+from adapterkit.tasks.metrics import classification_metrics
+from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentiment
+
+
+@pytest.fixture(scope="module")
+def model_and_data(tmp_path_factory):
+    folder = tiny_bert_folder(tmp_path_factory.mktemp("tiny"), dropout=0.0)
+    data = load_data(toy_sentiment(50, seed=3))
+    model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.0)
+    with torch.no_grad():  # a non-trivial adapter: predictions differ from the base model's
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    return model.eval(), tokenizer, data
+
+
+def _reference_logits(model, tokenizer, texts):
+    """One text at a time: no padding, no batching."""
+    with torch.no_grad():
+        return np.stack([model(**tokenizer(t, return_tensors="pt")).logits[0].numpy() for t in texts])
+
+
+def test_metrics_match_a_one_by_one_reference(model_and_data, tmp_path):
+    model, tokenizer, data = model_and_data
+    logits = _reference_logits(model, tokenizer, [e["text"] for e in data.examples])
+    refs = [e["label"] for e in data.examples]
+    expected = classification_metrics(refs, logits.argmax(1).tolist(), data.labels)
+    got = evaluate(model, tokenizer, data, batch_size=7, output_dir=tmp_path)
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "confusion_matrix", "per_class"):
+        assert got[key] == pytest.approx(expected[key]) if isinstance(expected[key], float) else got[key] == expected[key]
+    assert got["loss"] == pytest.approx(torch.nn.functional.cross_entropy(
+        torch.tensor(logits), torch.tensor(refs)).item(), rel=1e-5)
+    assert 0.0 < got["accuracy"] < 1.0
+    assert (tmp_path / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "metrics.json").read_text())["accuracy"] == got["accuracy"]
+
+
+def test_predict_gives_label_and_softmax_score(model_and_data):
+    model, tokenizer, _ = model_and_data
+    texts = ["good film", "the plot was dull", "a very good movie and a good story"]
+    probabilities = torch.softmax(torch.tensor(_reference_logits(model, tokenizer, texts)), dim=-1)
+    predictions = predict(model, tokenizer, texts, batch_size=2)
+    assert [label for label, _ in predictions] == [["neg", "pos"][i] for i in probabilities.argmax(1)]
+    assert [score for _, score in predictions] == pytest.approx(probabilities.max(1).values.tolist(), abs=1e-5)
+    assert predict(model, tokenizer, "good film")[0] == predictions[0]
+
+
+def test_evaluate_a_file_with_its_own_label_order(model_and_data, tmp_path):
+    model, tokenizer, data = model_and_data
+    rows = [{"sentence": e["text"], "y": data.labels[e["label"]]} for e in data.examples]
+    path = tmp_path / "eval.csv"
+    pd.DataFrame(rows[::-1]).to_csv(path, index=False)  # reversed: another row order, same metrics
+    from_file = evaluate(model, tokenizer, path, text_column="sentence", label_column="y")
+    assert from_file["accuracy"] == pytest.approx(evaluate(model, tokenizer, data)["accuracy"])
+    path.write_text("sentence,y\ngood,pos\nmeh,neutral\n")
+    with pytest.raises(DataError, match="'neutral' was never seen in training") as err:
+        evaluate(model, tokenizer, path, text_column="sentence", label_column="y")
+    assert err.value.where == "line 3"

@@ -1,0 +1,130 @@
+"""The training loop on a tiny BERT: it learns, it is reproducible, and its options do what they say."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from adapterkit.core import head_parameters
+from adapterkit.data import load_data
+from adapterkit.evaluate import evaluate
+from adapterkit.train import TrainConfig, train
+from adapterkit.train.optim import build_optimizer
+from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentiment
+
+FAST = {"num_threads": 1, "progress": False}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def quiet_folder(tmp_path_factory):
+    """The same tiny BERT without dropout, for exact gradient comparisons."""
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny0"), dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_data(toy_sentiment(160)), load_data(toy_sentiment(60, seed=1), labels=["neg", "pos"])
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_learns_the_toy_task(folder, toy):
+    model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+    before = evaluate(model, tokenizer, toy[1])["accuracy"]
+    result = train(model, tokenizer, *toy, TrainConfig(epochs=6, batch_size=16, lr=3e-2, eval_every=10, **FAST))
+    assert result.step == 6 * 10  # 160 examples in batches of 16, six times
+    assert before < 0.7 and result.best_metric >= 0.9
+    assert result.metrics["accuracy"] == result.best_metric == max(h["accuracy"] for h in result.history)
+    assert evaluate(model, tokenizer, toy[1])["accuracy"] == result.best_metric  # ends on the best weights
+
+
+def test_same_seed_same_weights_other_seed_other_weights(folder, toy):
+    runs = []
+    for seed in (5, 5, 6):
+        model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+        train(model, tokenizer, toy[0], None, TrainConfig(max_steps=6, batch_size=16, seed=seed, lr=1e-2, **FAST))
+        runs.append(_trainable(model))
+    assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
+    assert not all(torch.equal(runs[0][n], runs[2][n]) for n in runs[0])
+
+
+def test_gradient_accumulation_matches_a_bigger_batch(quiet_folder, toy):
+    weights = []
+    for batch_size, accum in ((16, 1), (8, 2)):
+        model, tokenizer = tiny_lora_classifier(quiet_folder, toy[0].labels, dropout=0.0)
+        train(model, tokenizer, toy[0], None, TrainConfig(max_steps=5, batch_size=batch_size, grad_accum_steps=accum,
+                                                          group_by_length=False, lr=1e-2, **FAST))
+        weights.append(_trainable(model))
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-4, atol=1e-6)
+
+
+def test_head_gets_its_own_learning_rate(folder, toy):
+    model, _ = tiny_lora_classifier(folder, toy[0].labels)
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-3, head_lr=5e-2))
+    head = {id(p) for p in head_parameters(model, "toy").values()}
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1  # a group is all head or all adapter
+        assert group["lr"] == (5e-2 if in_head.pop() else 1e-3)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
+        p.requires_grad for p in model.parameters())
+
+
+def test_early_stopping_after_patience_evaluations(folder, toy):
+    model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+    # a learning rate this small cannot change the predictions, so accuracy never improves
+    result = train(model, tokenizer, *toy, TrainConfig(epochs=10, batch_size=16, lr=1e-12, head_lr=1e-12,
+                                                       eval_every=2, early_stopping_patience=2, **FAST))
+    assert result.stopped_early
+    assert [h["step"] for h in result.history] == [2, 4, 6]
+    assert result.step == 6 and result.best_step == 2
+
+
+def test_metric_lower_is_better_for_loss(folder, toy):
+    model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+    result = train(model, tokenizer, *toy, TrainConfig(max_steps=12, batch_size=16, lr=3e-2, eval_every=3,
+                                                       metric="loss", **FAST))
+    assert result.best_metric == min(h["loss"] for h in result.history)
+
+
+def test_run_folder_contents(folder, toy, tmp_path):
+    model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+    config = TrainConfig(output_dir=str(tmp_path / "run"), max_steps=8, batch_size=16, lr=3e-2,
+                         eval_every=4, log_every=2, **FAST)
+    result = train(model, tokenizer, *toy, config)
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [4, 8]
+    assert all({"loss", "lr", "examples_per_s"} <= r.keys() for r in records if r["split"] == "train")
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert TrainConfig.from_dict(yaml.safe_load((run / "train_config.yaml").read_text())) == config
+    # the model ends with the best checkpoint's weights, which is also on disk
+    best = load_file(str(run / "checkpoints" / "best" / "trainable.safetensors"))
+    assert all(torch.equal(best[n], p) for n, p in _trainable(model).items())
+    kit = json.loads((run / "adapter" / "adapterkit.json").read_text())
+    assert kit["task"] == "classification" and kit["labels"] == ["neg", "pos"]
+    assert kit["metrics"]["validation"]["accuracy"] == pytest.approx(result.best_metric)
+    assert result.adapter_dir == str(run / "adapter")
+
+
+def test_bfloat16_autocast_trains(folder, toy):
+    model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+    before = _trainable(model)
+    result = train(model, tokenizer, *toy, TrainConfig(max_steps=3, batch_size=16, bf16=True, **FAST))
+    after = _trainable(model)
+    assert result.step == 3 and any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(p.dtype == torch.float32 for p in after.values())  # autocast keeps float32 weights
