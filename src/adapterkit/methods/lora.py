@@ -146,7 +146,8 @@ class LoraLayer(AdapterLayer):
         if routes is not None:
             if self.is_embedding or self.lora_magnitude_vector:
                 return routed_sum(x, routes, self.adapter_names(), self._delta, result)
-            return result + self._gathered_delta(x, routes).to(result.dtype)
+            delta = self._gathered_delta(x, routes).to(result.dtype)
+            return result.add_(delta) if self.base_layer.__class__ in _INPLACE_SAFE else result + delta
         active = self.active_adapters()
         if not active:
             return result
@@ -167,15 +168,14 @@ class LoraLayer(AdapterLayer):
         row then gathers its own pair, so the cost does not grow with the
         number of distinct adapters in the batch.
         """
-        a_stack, b_stack, slots = self._stacked(tuple(routes))
-        index = torch.tensor(slots, device=x.device)
-        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_stack.dtype)  # (batch, tokens, in)
-        hidden = torch.bmm(rows, a_stack[index].transpose(1, 2))  # (batch, tokens, rank)
-        delta = torch.bmm(hidden, b_stack[index].transpose(1, 2))  # (batch, tokens, out)
+        a_rows, b_rows = self._stacked(tuple(routes), x.device)
+        rows = x.reshape(x.shape[0], -1, x.shape[-1]).to(a_rows.dtype)  # (batch, tokens, in)
+        hidden = torch.bmm(rows, a_rows)  # (batch, tokens, rank)
+        delta = torch.bmm(hidden, b_rows)  # (batch, tokens, out)
         return delta.reshape(*x.shape[:-1], delta.shape[-1])
 
-    def _stacked(self, routes: tuple[str | None, ...]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """(A stack, scaled B stack, slot per row), cached while gradients are off."""
+    def _stacked(self, routes: tuple[str | None, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row A^T (batch, in, rank) and scaled B^T (batch, rank, out), cached while gradients are off."""
         cache = self.__dict__.setdefault("_route_cache", {})
         key = (routes, self.state.routing_epoch)
         if key in cache and not torch.is_grad_enabled():
@@ -191,10 +191,12 @@ class LoraLayer(AdapterLayer):
             a_stack[slot, :r] = self.lora_A[name].weight
             b_stack[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
         slots = [names.index(n) if n in names else len(names) for n in routes]
+        index = torch.tensor(slots, device=device)
+        gathered = (a_stack[index].transpose(1, 2).contiguous(), b_stack[index].transpose(1, 2).contiguous())
         cache.clear()
         if not torch.is_grad_enabled():
-            cache[key] = (a_stack, b_stack, slots)
-        return a_stack, b_stack, slots
+            cache[key] = gathered
+        return gathered
 
     # --- merging --------------------------------------------------------------
     def merged_weight(self, name: str) -> torch.Tensor:
