@@ -56,11 +56,11 @@ def answer_positions(offsets: Sequence[tuple[int, int] | None], start_char: int,
     outside it). When the answer is not wholly inside the window, both
     positions are ``cls_index``: "no answer here".
     """
-    inside = [i for i, span in enumerate(offsets) if span is not None]
-    if not inside or offsets[inside[0]][0] > start_char or offsets[inside[-1]][1] < end_char:  # type: ignore[index]
+    spans = {i: span for i, span in enumerate(offsets) if span is not None}
+    if not spans or min(s for s, _ in spans.values()) > start_char or max(e for _, e in spans.values()) < end_char:
         return cls_index, cls_index
-    start = next(i for i in inside if offsets[i][1] > start_char)  # type: ignore[index]
-    end = next(i for i in reversed(inside) if offsets[i][0] < end_char)  # type: ignore[index]
+    start = min(i for i, (_, e) in spans.items() if e > start_char)
+    end = max(i for i, (s, _) in spans.items() if s < end_char)
     return start, end
 
 
@@ -132,7 +132,7 @@ class QuestionAnsweringTask(Task):
         inputs = {k: v for k, v in batch.items() if k not in ("start_positions", "end_positions")}
         out = model(**inputs)
         start_logits, end_logits = out.start_logits.float(), out.end_logits.float()  # (batch, seq)
-        mask = inputs["attention_mask"].bool() if "attention_mask" in inputs else torch.ones_like(start_logits, dtype=torch.bool)
+        mask = inputs.get("attention_mask", torch.ones_like(start_logits)).bool()  # (batch, seq)
         results = []
         for row in range(start_logits.shape[0]):
             start, end = start_logits[row][mask[row]], end_logits[row][mask[row]]  # (real_seq,)
@@ -144,7 +144,8 @@ class QuestionAnsweringTask(Task):
             results.append(SpanLogits(start.cpu().numpy(), end.cpu().numpy(), loss))
         return results
 
-    def decode(self, data: TaskData, features: Sequence[Feature], outputs: Sequence[SpanLogits]) -> list[AnswerPrediction]:
+    def decode(self, data: TaskData, features: Sequence[Feature],
+               outputs: Sequence[SpanLogits]) -> list[AnswerPrediction]:
         windows: list[list[tuple[np.ndarray, np.ndarray, Any]]] = [[] for _ in data.examples]
         for feature, output in zip(features, outputs):
             windows[feature["_example"]].append((output.start, output.end, feature["_offsets"]))
