@@ -150,6 +150,10 @@ def disk_name(model: nn.Module, path: str, name: str) -> str:
     return ".".join(p for p in parts if p != WRAPPER_COMPONENT)
 
 
+class ShapeMismatchError(ValueError):
+    """A saved tensor's shape does not fit the parameter it should load into."""
+
+
 def fit_shape(tensor: torch.Tensor, param: torch.Tensor, key: str) -> torch.Tensor:
     """``tensor`` in ``param``'s shape, if they differ only by size-1 dimensions."""
     if tensor.shape == param.shape:
@@ -157,7 +161,7 @@ def fit_shape(tensor: torch.Tensor, param: torch.Tensor, key: str) -> torch.Tens
     squeeze = lambda shape: [d for d in shape if d != 1]  # noqa: E731
     if squeeze(tensor.shape) == squeeze(param.shape):
         return tensor.reshape(param.shape)
-    raise ValueError(
+    raise ShapeMismatchError(
         f"tensor {key} has shape {tuple(tensor.shape)} in the file but {tuple(param.shape)} "
         "in the model; the adapter was made for a base model with other layer sizes"
     )

@@ -45,7 +45,7 @@ from adapterkit.core.peft_format import (
     peft_config_for,
     to_peft_names,
 )
-from adapterkit.core.registry import WRAPPER_COMPONENT, Method, fit_shape, get_method
+from adapterkit.core.registry import WRAPPER_COMPONENT, Method, ShapeMismatchError, fit_shape, get_method
 from adapterkit.core.targeting import TargetError
 
 CONFIG_FILE = "adapter_config.json"
@@ -191,7 +191,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
         _undo_load(model, name, had_adapters, previous)
         if isinstance(err, BaseModelMismatchError):
             raise
-        if isinstance(err, TargetError):
+        if isinstance(err, (TargetError, ShapeMismatchError)):
             raise BaseModelMismatchError(f"cannot load the adapter in {folder} onto "
                                          f"{type(model).__name__}: {err}") from err
         raise AdapterFileError(f"cannot load {folder / WEIGHTS_FILE}: {_message(err)}") from err
