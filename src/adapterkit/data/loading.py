@@ -10,6 +10,8 @@ from typing import Any
 from adapterkit.data.builtin import BUILTIN_DATASETS, builtin_table
 from adapterkit.data.classification import classification_from_table
 from adapterkit.data.examples import TaskData
+from adapterkit.data.instructions import instructions_from_table, read_instruction_file
+from adapterkit.data.seq2seq import read_seq2seq_file, seq2seq_from_table
 from adapterkit.data.squad import qa_from_table, read_qa_file
 from adapterkit.data.errors import DataError
 from adapterkit.data.tables import SUPPORTED_SUFFIXES, Table, decode_utf8, read_table, table_from_object
@@ -18,6 +20,8 @@ from adapterkit.data.token_classification import read_token_classification_file,
 # Task name -> function(table, labels=..., **columns) -> TaskData.
 TASK_READERS: dict[str, Callable[..., TaskData]] = {
     "classification": classification_from_table,
+    "causal-lm": instructions_from_table,
+    "seq2seq": seq2seq_from_table,
     "question-answering": qa_from_table,
     "token-classification": token_classification_from_table,
 }
@@ -25,7 +29,9 @@ TASK_READERS: dict[str, Callable[..., TaskData]] = {
 # Tasks whose files are not plain tables (SQuAD's nested JSON):
 # task name -> function(path, labels=..., **columns) -> TaskData.
 TASK_FILE_READERS: dict[str, Callable[..., TaskData]] = {
+    "causal-lm": read_instruction_file,
     "question-answering": read_qa_file,
+    "seq2seq": read_seq2seq_file,
     "token-classification": read_token_classification_file,
 }
 

@@ -132,6 +132,14 @@ class Task(ABC):
     def to_json(self, prediction: Any) -> dict[str, Any]:
         """A JSON-serialisable form of a prediction."""
 
+    def pack(self, features: Sequence[Feature], max_length: int) -> list[Feature]:
+        """Training features packed several to a row of at most ``max_length`` tokens.
+
+        Only tasks whose examples can share a row without seeing each other
+        (``causal-lm``) support this.
+        """
+        raise ValueError(f"task {self.name!r} does not support packing; train it with packing off")
+
     def from_texts(self, texts: Sequence[str], labels: Sequence[str] | None) -> TaskData:
         """Unlabelled examples from raw input strings (what ``predict`` receives)."""
         raise NotImplementedError(f"task {self.name!r} cannot build examples from plain texts")

@@ -1,0 +1,112 @@
+"""Sequence-to-sequence with an encoder-decoder (T5, BART, Marian): ``seq2seq``.
+
+Training is teacher forcing: the model shifts ``labels`` right into the
+decoder inputs itself and returns the token-level cross-entropy. Evaluation
+generates from each source and scores the generations with sacrebleu's BLEU
+and chrF; the teacher-forced loss and perplexity of the targets come with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from adapterkit.data.examples import TaskData
+from adapterkit.data.seq2seq import seq2seq_from_texts
+from adapterkit.tasks.base import Feature, Task
+from adapterkit.tasks.causal_lm import IGNORE, Generation
+from adapterkit.tasks.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, generate_batch
+from adapterkit.tasks.registry import register_task
+from adapterkit.tasks.text_metrics import bleu_chrf, perplexity
+
+# Generation budget when scoring: the reference's length times this, plus a margin.
+BUDGET_FACTOR, BUDGET_MARGIN, BUDGET_MAX = 1.5, 10, 512
+
+
+@register_task
+class Seq2SeqTask(Task):
+    """Source text in, target text out; BLEU and chrF of the generations."""
+
+    name = "seq2seq"
+    default_metric = "bleu"
+
+    def __init__(self, generation: GenerationOptions | None = None) -> None:
+        self.generation = generation or GenerationOptions()
+        self._tokenizer: PreTrainedTokenizerBase | None = None  # set by encode/collate, for decoding
+
+    def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
+        self._tokenizer = tokenizer
+        sources = tokenizer([e["source"] for e in data.examples], truncation=True, max_length=max_length)
+        targets = [e.get("target") for e in data.examples]
+        labelled = [t for t in targets if t is not None]
+        encoded_targets = iter(tokenizer(text_target=labelled, truncation=True, max_length=max_length)["input_ids"]
+                               if labelled else [])
+        eos = tokenizer.eos_token_id
+        features = []
+        for i, target in enumerate(targets):
+            labels = list(next(encoded_targets)) if target is not None else []
+            if labels and eos is not None and labels[-1] != eos:
+                labels.append(eos)  # the decoder must learn to stop, whatever the tokenizer adds
+            budget = self.generation.max_new_tokens or (
+                min(int(len(labels) * BUDGET_FACTOR) + BUDGET_MARGIN, BUDGET_MAX) if labels else DEFAULT_MAX_NEW_TOKENS)
+            features.append({"input_ids": list(sources["input_ids"][i]),
+                             "attention_mask": list(sources["attention_mask"][i]),
+                             "labels": labels or [IGNORE], "_example": i, "_budget": budget})
+        return features
+
+    def collate(self, features: Sequence[Feature], tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
+        """Sources and targets right-padded (targets with -100), plus the generation budget."""
+        self._tokenizer = tokenizer
+        batch = {}
+        for key, pad in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", IGNORE)):
+            width = max(len(f[key]) for f in features)
+            batch[key] = torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features])
+        batch["max_new_tokens"] = torch.tensor(max(f["_budget"] for f in features))
+        return batch
+
+    def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).loss
+
+    def infer(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[Generation]:
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       labels=labels).logits  # (batch, target, vocab), aligned with labels
+        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        mask = labels != IGNORE
+        sums, counts = (nll * mask).sum(dim=1).tolist(), mask.sum(dim=1).tolist()
+        if self._tokenizer is None:
+            raise RuntimeError("seq2seq: encode or collate must run before infer (it needs the tokenizer)")
+        texts = generate_batch(model, self._tokenizer, batch["input_ids"], batch["attention_mask"],
+                               self.generation, int(batch["max_new_tokens"]))
+        return [Generation(t, float(s), int(c)) for t, s, c in zip(texts, sums, counts)]
+
+    def decode(self, data: TaskData, features: Sequence[Feature], outputs: Sequence[Generation]) -> list[Generation]:
+        predictions: list[Generation | None] = [None] * len(data)
+        for feature, output in zip(features, outputs):
+            predictions[feature["_example"]] = output
+        return [p if p is not None else Generation(None, 0.0, 0) for p in predictions]
+
+    def score(self, data: TaskData, predictions: Sequence[Generation], outputs: Sequence[Any]) -> dict[str, Any]:
+        pairs = [(p.text or "", e["target"]) for e, p in zip(data.examples, predictions) if e.get("target") is not None]
+        if not pairs:
+            raise ValueError(f"{data.source}: no targets to score against")
+        total_nll = sum(p.nll for p in predictions)
+        total_tokens = sum(p.tokens for p in predictions)
+        metrics: dict[str, Any] = bleu_chrf([g for g, _ in pairs], [r for _, r in pairs])
+        metrics.update({"loss": total_nll / max(total_tokens, 1), "perplexity": perplexity(total_nll, total_tokens),
+                        "count": len(pairs), "target_tokens": total_tokens})
+        return metrics
+
+    def format(self, prediction: Generation) -> str:
+        return prediction.text or ""
+
+    def to_json(self, prediction: Generation) -> dict[str, Any]:
+        return {"text": prediction.text, "nll": prediction.nll, "tokens": prediction.tokens}
+
+    def from_texts(self, texts: Sequence[str], labels: Sequence[str] | None) -> TaskData:
+        return seq2seq_from_texts(texts)
