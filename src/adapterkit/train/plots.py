@@ -6,16 +6,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 
-matplotlib.use("Agg")  # files only; never open a window
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported on first use (it is slow)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never open a window
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_training_curve(records: Sequence[dict[str, Any]], metric: str, path: Path) -> Path:
     """Two panels: train (and eval) loss, and the eval ``metric``, by optimizer step."""
     train = [r for r in records if r["split"] == "train" and "loss" in r]
     evals = [r for r in records if r["split"] == "eval"]
+    plt = _pyplot()
     fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
     ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
     eval_loss = [r for r in evals if "loss" in r]

@@ -1,0 +1,43 @@
+"""The README quickstart through the top-level names: load, adapt, train, evaluate, predict, save, reload."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import adapterkit as ak
+from tests.tiny_text import tiny_bert_folder, toy_sentiment
+
+
+def test_quickstart_round_trip(tmp_path):
+    folder = tiny_bert_folder(tmp_path / "model")
+    train_data = ak.load_data(toy_sentiment(160))
+    eval_data = ak.load_data(toy_sentiment(40, seed=1), labels=train_data.labels)
+    model, tokenizer = ak.load_model(folder, task="classification", labels=train_data.labels)
+    ak.add_adapter(model, "toy", ak.LoraConfig(rank=4, alpha=8, targets=["query", "value"]))
+    result = ak.train(model, tokenizer, train_data, eval_data,
+                      ak.TrainConfig(epochs=6, batch_size=16, lr=3e-2, num_threads=1, progress=False))
+    assert isinstance(result, ak.TrainResult)
+    metrics = ak.evaluate(model, tokenizer, eval_data)
+    assert metrics["accuracy"] == pytest.approx(result.best_metric) and metrics["accuracy"] >= 0.8
+    texts = ["a good film", "a dull movie"]
+    before = ak.predict(model, tokenizer, texts)
+    assert [label for label, _ in before] == ["pos", "neg"]
+
+    ak.save_adapter(model, "toy", tmp_path / "adapter")
+    fresh, tokenizer = ak.load_model(folder, labels=train_data.labels)
+    assert ak.load_adapter(fresh, tmp_path / "adapter") == "toy"
+    fresh.eval()
+    after = ak.predict(fresh, tokenizer, texts)
+    assert [label for label, _ in after] == ["pos", "neg"]
+    assert [score for _, score in after] == pytest.approx([score for _, score in before], abs=1e-6)
+
+
+def test_train_and_evaluate_are_callable_packages():
+    import adapterkit.evaluate
+    import adapterkit.train
+
+    assert callable(adapterkit.train) and adapterkit.train.TrainConfig is ak.TrainConfig
+    assert "train_data" in inspect.signature(ak.train).parameters
+    assert "tokenizer" in inspect.signature(ak.evaluate).parameters
