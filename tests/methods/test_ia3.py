@@ -120,6 +120,7 @@ def test_merge_unmerge_unload(kind: str) -> None:
 
 def test_switch_route_delete_and_optimiser_step() -> None:
     model, inputs = build_tiny("bart")
+    reference = output_tensor(model, inputs)
     ak.add_adapter(model, "a", ak.IA3Config())
     ak.add_adapter(model, "b", ak.IA3Config(targets=["fc1", "fc2"]))  # explicit: fc2 plays ffn_out
     assert [layer.is_feedforward["b"] for p, layer in ia3_layers(model).items() if "layers.0.fc" in p
@@ -133,6 +134,9 @@ def test_switch_route_delete_and_optimiser_step() -> None:
     with ak.route(model, ["b", "a"]):
         routed = output_tensor(model, inputs)
     torch.testing.assert_close(routed, torch.stack([out_b[0], out_a[1]]), rtol=0, atol=1e-5)
+    with ak.route(model, [None, "b"]):
+        routed = output_tensor(model, inputs)
+    torch.testing.assert_close(routed, torch.stack([reference[0], out_b[1]]), rtol=0, atol=1e-5)
     own = set(ak.adapter_parameters(model, "a"))
     before = snapshot(model)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from adapterkit.core.architectures import arch_spec, modules_in_role
 from adapterkit.core.config import AdapterConfig, ConfigError, check_targets
-from adapterkit.core.layers import AdapterLayer, MergeError, innermost, routed_sum
+from adapterkit.core.layers import AdapterLayer, MergeError, innermost
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
@@ -116,16 +116,29 @@ class IA3Layer(AdapterLayer):
         return result
 
     def _routed(self, x: torch.Tensor, routes: list[str | None], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Per-example adapters, written as additive deltas for :func:`routed_sum`."""
-        def delta(name: str, rows_in: torch.Tensor, rows_out: torch.Tensor) -> torch.Tensor:
-            scale = self.ia3_l[name].flatten()
-            if self.is_feedforward[name]:  # W (l * x) + b - (W x + b)
-                scaled = (rows_in.to(scale.dtype) * scale).to(rows_in.dtype)
-                return self.base_layer(scaled, *args, **kwargs) - rows_out
-            return rows_out.to(scale.dtype) * (scale - 1)  # l * y - y
+        """Per-example adapters: one scale row per example, ones where no vector applies.
 
+        A single base call on the whole batch (rather than :func:`routed_sum`'s
+        per-group deltas) keeps any wrapper inside this one seeing the full batch.
+        """
+        held = set(self.adapter_names())
+
+        def rows(feedforward: bool, size: int) -> torch.Tensor:  # (batch, size)
+            ref = next(iter(self.ia3_l.values()))
+            ones = torch.ones(size, device=ref.device, dtype=ref.dtype)
+            return torch.stack([
+                self.ia3_l[n].flatten() if n in held and self.is_feedforward[n] == feedforward else ones
+                for n in routes
+            ])
+
+        def per_example(scale: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return scale.view((like.shape[0],) + (1,) * (like.dim() - 2) + (-1,))  # (batch, 1.., features)
+
+        scale_in = rows(True, self.in_features)
+        x = (x.to(scale_in.dtype) * per_example(scale_in, x)).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
-        return routed_sum(x, routes, self.adapter_names(), delta, result)
+        scale_out = rows(False, self.out_features)
+        return (result.to(scale_out.dtype) * per_example(scale_out, result)).to(result.dtype)
 
     # --- merging --------------------------------------------------------------
     @torch.no_grad()
