@@ -16,6 +16,7 @@ from adapterkit.data import read_texts
 from adapterkit.evaluate import evaluate as evaluate_model
 from adapterkit.evaluate import format_adapter_info, format_metrics
 from adapterkit.evaluate import predict as predict_texts
+from adapterkit.evaluate.base_model import evaluate_base_model
 from adapterkit.models import adapter_info, load_with_adapter
 from adapterkit.tasks import get_task
 
@@ -38,6 +39,7 @@ def train(
     batch_size: int | None = None,
     lr: float | None = None,
     max_length: int | None = None,
+    packing: bool = False,
     output: str | None = None,
     seed: int | None = None,
     resume: bool = False,
@@ -61,6 +63,7 @@ def train(
         batch_size: examples per step.
         lr: peak learning rate of the adapter.
         max_length: longest input in tokens (question answering: window length).
+        packing: causal-lm: pack short examples into rows of --max-length tokens (no attention across them).
         output: run folder (default runs/<date-time>); the adapter lands in OUTPUT/adapter.
         seed: random seed.
         resume: continue the interrupted run in --output from its last checkpoint.
@@ -72,7 +75,7 @@ def train(
         config, model=model, task=task, data=data, eval_data=eval_data, test_data=test_data,
         text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        max_length=max_length, output=output, seed=seed, resume=resume or None)
+        max_length=max_length, packing=packing or None, output=output, seed=seed, resume=resume or None)
     result = run(run_config)
     summary = {
         "output": result.output_dir, "adapter": result.adapter_dir,
@@ -100,30 +103,44 @@ def train(
 
 def evaluate(
     *,
-    adapter: Path,
     data: str,
+    adapter: Path | None = None,
+    model: str | None = None,
+    task: str | None = None,
     split: str = "test",
     text_column: str | None = None,
     label_column: str | None = None,
     batch_size: int = 64,
+    max_length: int | None = None,
     json: bool = False,
 ) -> int:
-    """Evaluate a trained adapter on labelled data; the base model comes from the adapter folder.
+    """Evaluate a trained adapter on labelled data (its base model comes from the adapter folder),
+    or with --model and --task, the base model alone.
 
     Args:
-        adapter: the adapter folder (a run's adapter/).
         data: a file, or a built-in data set name.
+        adapter: the adapter folder (a run's adapter/).
+        model: without --adapter: the base model (alias or folder) to evaluate as it is.
+        task: the task of --model (default classification).
         split: split of a built-in data set.
         text_column: column with the text (default: as in training).
         label_column: column with the label (default: as in training).
         batch_size: examples per forward pass.
+        max_length: longest input in tokens (default: as in training; for a base model 512).
         json: print all metrics as JSON.
     """
-    model, tokenizer, metadata = load_with_adapter(adapter)
-    columns = {**metadata.get("columns", {}),
-               **{k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}}
-    metrics = evaluate_model(model, tokenizer, data, split=split, batch_size=batch_size,
-                             max_length=metadata.get("max_length"), **columns)
+    chosen = {k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}
+    if adapter is None:
+        if model is None:
+            raise ValueError("give --adapter DIR/adapter, or --model NAME (and --task) to evaluate a base model")
+        metrics = evaluate_base_model(model, task or "classification", data, split=split,
+                                      batch_size=batch_size, max_length=max_length, **chosen)
+        print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
+        return 0
+    loaded, tokenizer, metadata = load_with_adapter(adapter)
+    columns = {**metadata.get("columns", {}), **chosen}
+    metrics = evaluate_model(loaded, tokenizer, data, split=split, batch_size=batch_size,
+                             max_length=max_length or metadata.get("max_length"), **columns)
     print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
     return 0
 

@@ -6,13 +6,15 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from adapterkit.cli import commands
+from adapterkit.cli import commands, generation
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "train": commands.train,
     "evaluate": commands.evaluate,
     "predict": commands.predict,
     "info": commands.info,
+    "generate": generation.generate,
+    "chat": generation.chat,
 }
 
 # Errors that are the user's to fix: print the message, not a traceback.

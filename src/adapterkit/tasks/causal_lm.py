@@ -36,6 +36,8 @@ IGNORE = -100
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 # Generation budget when scoring: the reference reply's length times this, plus a margin.
 BUDGET_FACTOR, BUDGET_MARGIN, BUDGET_MAX = 1.5, 16, 512
+# Most logits (rows x positions x vocabulary) computed at once when scoring: 512 MB of float32.
+LOGITS_BUDGET = 2**27
 
 
 class Generation(NamedTuple):
@@ -140,9 +142,14 @@ class CausalLMTask(Task):
         return model(**self._model_inputs(batch), use_cache=False).loss
 
     def infer(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[Generation]:
-        logits = model(**self._model_inputs(batch, labels=False), use_cache=False).logits  # (batch, seq, vocab)
-        nll, tokens = response_nll(logits, batch["labels"])
-        del logits
+        inputs = self._model_inputs(batch, labels=False)
+        nll, tokens = torch.zeros(len(batch["labels"])), torch.zeros(len(batch["labels"]), dtype=torch.long)
+        # A few rows at a time: the logits are (rows, seq, vocab), ~50k wide for real LMs.
+        step = max(1, LOGITS_BUDGET // (batch["labels"].shape[1] * model.config.vocab_size))
+        for start in range(0, len(nll), step):
+            rows = slice(start, start + step)
+            logits = model(**{k: v[rows] for k, v in inputs.items()}, use_cache=False).logits
+            nll[rows], tokens[rows] = response_nll(logits, batch["labels"][rows])
         texts: list[str | None] = [None] * len(nll)
         if "generate" in batch:
             rows = batch["generate"].nonzero().flatten().tolist()

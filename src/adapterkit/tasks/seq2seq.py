@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.data.examples import TaskData
 from adapterkit.data.seq2seq import seq2seq_from_texts
 from adapterkit.tasks.base import Feature, Task
-from adapterkit.tasks.causal_lm import IGNORE, Generation
+from adapterkit.tasks.causal_lm import IGNORE, LOGITS_BUDGET, Generation
 from adapterkit.tasks.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, generate_batch
 from adapterkit.tasks.registry import register_task
 from adapterkit.tasks.text_metrics import bleu_chrf, perplexity
@@ -74,11 +74,17 @@ class Seq2SeqTask(Task):
 
     def infer(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[Generation]:
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       labels=labels).logits  # (batch, target, vocab), aligned with labels
-        nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
-        mask = labels != IGNORE
-        sums, counts = (nll * mask).sum(dim=1).tolist(), mask.sum(dim=1).tolist()
+        sums: list[float] = []
+        counts: list[int] = []
+        step = max(1, LOGITS_BUDGET // (labels.shape[1] * model.config.vocab_size))
+        for start in range(0, len(labels), step):  # a few rows at a time: logits are vocabulary-wide
+            rows = slice(start, start + step)
+            logits = model(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                           labels=labels[rows]).logits  # (rows, target, vocab), aligned with labels
+            nll = F.cross_entropy(logits.float().transpose(1, 2), labels[rows], ignore_index=IGNORE, reduction="none")
+            mask = labels[rows] != IGNORE
+            sums += (nll * mask).sum(dim=1).tolist()
+            counts += mask.sum(dim=1).tolist()
         if self._tokenizer is None:
             raise RuntimeError("seq2seq: encode or collate must run before infer (it needs the tokenizer)")
         texts = generate_batch(model, self._tokenizer, batch["input_ids"], batch["attention_mask"],

@@ -25,10 +25,19 @@ from adapterkit.train.loop import train
 from adapterkit.train.records import scalar_metrics
 from adapterkit.train.result import TrainResult, save_run_adapter
 
+# Short method names of the command line -> names in the method registry.
+METHOD_NAMES: dict[str, str] = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
 # Default options of each method's config when the run gives none; methods
 # not listed use their config class's own defaults.
 DEFAULT_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 8, "alpha": 16, "dropout": 0.05, "targets": ["query", "key", "value", "dense"]},
+}
+# Per-task changes to those defaults: generative models (Llama, GPT-2, T5, BART)
+# take their architecture's default LoRA targets (e.g. q_proj/v_proj), as the
+# BERT module names above do not exist in them.
+TASK_ADAPTER_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
+    "causal-lm": {"lora": {"targets": None}},
+    "seq2seq": {"lora": {"targets": None}},
 }
 # Peak learning rates that work for each method when the run sets none:
 # input-side methods (prompt, prefix) need much larger steps than LoRA.
@@ -109,7 +118,8 @@ class RunConfig:
         """The method's config object, built from the defaults and ``adapter``."""
         from adapterkit.core import get_config_class
 
-        options = {**DEFAULT_ADAPTER_OPTIONS.get(self.method, {}), **self.adapter}
+        options = {**DEFAULT_ADAPTER_OPTIONS.get(self.method, {}),
+                   **TASK_ADAPTER_OPTIONS.get(self.task, {}).get(self.method, {}), **self.adapter}
         return get_config_class(self.method)(**options)
 
     def train_config(self, output_dir: str) -> TrainConfig:
