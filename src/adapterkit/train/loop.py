@@ -49,12 +49,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(num_threads: int | None) -> None:
-    """Use the requested threads, or at most the cores this process may run on."""
+def set_threads(num_threads: int | None) -> int:
+    """Use ``num_threads`` torch threads; by default one per core this process may use.
+
+    On a machine already busier than its cores (1-minute load average above
+    the core count) the default is one thread: threads that wait on each
+    other while other processes hold the cores make each step many times slower.
+    """
     if num_threads is None:
-        available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        num_threads = min(torch.get_num_threads(), available or 1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > cores
+        num_threads = 1 if busy else min(torch.get_num_threads(), cores)
     torch.set_num_threads(num_threads)
+    return num_threads
 
 
 def _evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, data: TaskData,

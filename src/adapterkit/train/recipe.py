@@ -120,7 +120,7 @@ class RunConfig:
 
         options = {**DEFAULT_ADAPTER_OPTIONS.get(self.method, {}),
                    **TASK_ADAPTER_OPTIONS.get(self.task, {}).get(self.method, {}), **self.adapter}
-        return get_config_class(self.method)(**options)
+        return get_config_class(METHOD_NAMES.get(self.method, self.method))(**options)
 
     def train_config(self, output_dir: str) -> TrainConfig:
         """The ``TrainConfig``: built-in defaults, the method's learning rate, then ``train``."""
