@@ -143,7 +143,7 @@ class TokenClassificationTask(Task):
         return token_classification_from_texts(texts, labels)
 
     def infer(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[WordLogits]:
-        logits = model(**_model_inputs(batch, labels=False)).logits.float()  # (batch, seq, num_labels)
+        logits = model(**_model_inputs(batch, labels=False)).logits.detach().float()  # (batch, seq, num_labels)
         outputs = []
         for row, positions in enumerate(batch["_positions"]):
             keep = positions >= 0
