@@ -64,7 +64,7 @@ def main() -> None:
     metrics = evaluate(model, tokenizer, valid_data, max_length=args.max_length, batch_size=64,
                        output_dir=Path(args.out) / "eval")
     summary = {k: metrics[k] for k in ("precision", "recall", "f1", "accuracy", "loss", "entities", "count")}
-    summary["per_type_f1"] = {t: round(v["f1"], 4) for t, v in metrics["per_type"].items()}
+    summary["per_type_f1"] = {t: round(v["f1"], 4) for t, v in metrics["per_class"].items()}
     summary["wall_time_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps(summary))
 

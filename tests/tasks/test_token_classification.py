@@ -127,7 +127,7 @@ def test_entity_metrics_match_seqeval(prefixes):
     ours = entity_metrics(gold, guess)
     (precision, recall, f1), report = _seqeval_metrics(gold, guess)
     assert (ours["precision"], ours["recall"], ours["f1"]) == pytest.approx((precision, recall, f1))
-    for type_, values in ours["per_type"].items():
+    for type_, values in ours["per_class"].items():
         assert values["precision"] == pytest.approx(report[type_]["precision"])
         assert values["recall"] == pytest.approx(report[type_]["recall"])
         assert values["f1"] == pytest.approx(report[type_]["f1-score"])
@@ -139,8 +139,8 @@ def test_entity_metrics_by_hand():
     guess = [["B-PER", "I-PER", "O", "B-PER"], ["B-ORG", "O"]]  # PER right, LOC missed as PER, ORG right
     metrics = entity_metrics(gold, guess)
     assert (metrics["precision"], metrics["recall"]) == (2 / 3, 2 / 3)
-    assert metrics["per_type"]["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert metrics["per_type"]["PER"]["precision"] == 0.5 and metrics["accuracy"] == 4 / 6
+    assert metrics["per_class"]["LOC"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert metrics["per_class"]["PER"]["precision"] == 0.5 and metrics["accuracy"] == 4 / 6
     assert entity_metrics([["O"]], [["O"]])["f1"] == 0.0
     with pytest.raises(ValueError, match="sentence 1"):
         entity_metrics([["O", "O"]], [["O"]])

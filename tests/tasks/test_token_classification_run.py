@@ -40,7 +40,7 @@ def test_train_evaluate_predict(model_folder, tmp_path):
 
     metrics = evaluate(model, tokenizer, eval_data)
     assert metrics["f1"] == pytest.approx(result.metrics["f1"])
-    assert set(metrics["per_type"]) == {"LOC", "ORG", "PER"} and metrics["count"] == 60
+    assert set(metrics["per_class"]) == {"LOC", "ORG", "PER"} and metrics["count"] == 60
     # The same predictions scored by seqeval give the same F1.
     task = get_task(TASK)
     predictions, _ = run_inference(model, tokenizer, task, eval_data, max_length=64)
@@ -82,6 +82,11 @@ def test_cli_train_evaluate_predict(model_folder, tmp_path, capsys):
                  "--json"]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["count"] == 16 and metrics["f1"] == pytest.approx(summary["validation"]["f1"])
+
+    assert main(["evaluate", "--adapter", str(run / "adapter"), "--data", str(tmp_path / "valid.txt")]) == 0
+    report = capsys.readouterr().out
+    assert f"f1               {metrics['f1']:.4f}" in report
+    assert all(f"\n{t}  " in report for t in metrics["per_class"])  # the per-type table
 
     text = "John Smith visited Paris."
     assert main(["predict", "--adapter", str(run / "adapter"), text, "--json"]) == 0

@@ -33,7 +33,8 @@ def entity_metrics(references: Sequence[Sequence[str]], predictions: Sequence[Se
 
     Returns:
         ``{"precision", "recall", "f1", "accuracy", "entities", "predicted_entities",
-        "per_type": {type: {"precision", "recall", "f1", "support"}}}``, where
+        "per_class": {entity type: {"precision", "recall", "f1", "support"}}}``
+        (``per_class`` as in classification, so reports show the same table), where
         ``accuracy`` is the share of words whose tag is exactly right and
         ``support`` the number of reference entities of the type.
     """
@@ -54,10 +55,10 @@ def entity_metrics(references: Sequence[Sequence[str]], predictions: Sequence[Se
         right_words += sum(g == p for g, p in zip(gold, guess))
         total_words += len(gold)
     precision, recall, f1 = _prf(sum(correct.values()), sum(predicted.values()), sum(actual.values()))
-    per_type = {}
+    per_class = {}
     for type_ in sorted(set(actual) | set(predicted)):
         p, r, f = _prf(correct[type_], predicted[type_], actual[type_])
-        per_type[type_] = {"precision": p, "recall": r, "f1": f, "support": actual[type_]}
+        per_class[type_] = {"precision": p, "recall": r, "f1": f, "support": actual[type_]}
     return {
         "precision": precision,
         "recall": recall,
@@ -65,5 +66,5 @@ def entity_metrics(references: Sequence[Sequence[str]], predictions: Sequence[Se
         "accuracy": right_words / total_words if total_words else 0.0,
         "entities": sum(actual.values()),
         "predicted_entities": sum(predicted.values()),
-        "per_type": per_type,
+        "per_class": per_class,
     }
