@@ -99,7 +99,7 @@ class BitFitMethod(Method):
         if not paths:
             raise TargetError(
                 f"BitFit: {type(model).__name__} (model_type {model_type(model)!r}) has no bias in any "
-                "Linear, Conv1D or LayerNorm module outside the task head (Llama-style models are built "
+                "Linear, Conv1D or LayerNorm module outside the task head (Llama- and T5-style models are built "
                 "without biases), so BitFit has nothing to train; use lora or ia3 instead"
             )
         return paths
