@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from adapterkit.cli.main import main
-from tests.tiny_lm import one_thread, tiny_model_folder, toy_instructions, toy_translation
+from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
+from tests.tiny_lm import tiny_model_folder, toy_instructions, toy_translation
 from tests.tiny_ner import tiny_ner_folder, toy_ner
 from tests.tiny_qa import tiny_qa_folder, toy_colours, write_squad
 from tests.tiny_text import tiny_bert_folder, toy_sentiment

@@ -7,7 +7,8 @@ import pytest
 from adapterkit.evaluate.generation import ChatSession, generate_text
 from adapterkit.tasks import chat_format
 from adapterkit.tasks.generation import GenerationOptions, generate_from_ids
-from tests.tiny_lm import one_thread, tiny_llama, tiny_t5, tiny_tokenizer
+from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
+from tests.tiny_lm import tiny_llama, tiny_t5, tiny_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = GenerationOptions(max_new_tokens=4)

@@ -14,7 +14,8 @@ from adapterkit.methods import LoraConfig
 from adapterkit.tasks import chat_format, get_task
 from adapterkit.tasks.causal_lm import IGNORE, CausalLMTask
 from adapterkit.tasks.generation import GenerationOptions, cut_at_stop, generate_from_ids
-from tests.tiny_lm import one_thread, tiny_gpt2, tiny_llama, tiny_tokenizer, toy_arithmetic, toy_instructions
+from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
+from tests.tiny_lm import tiny_gpt2, tiny_llama, tiny_tokenizer, toy_arithmetic, toy_instructions
 
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 pytestmark = pytest.mark.usefixtures("one_thread")

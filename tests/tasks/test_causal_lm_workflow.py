@@ -13,7 +13,8 @@ from adapterkit.methods import LoraConfig
 from adapterkit.models import load_model, load_with_adapter
 from adapterkit.tasks.causal_lm import Generation
 from adapterkit.train import TrainConfig, train
-from tests.tiny_lm import BUILDERS, one_thread, tiny_model_folder, tiny_tokenizer, toy_instructions
+from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
+from tests.tiny_lm import BUILDERS, tiny_model_folder, tiny_tokenizer, toy_instructions
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,8 @@ from adapterkit.methods import LoraConfig
 from adapterkit.tasks import get_task
 from adapterkit.tasks.causal_lm import IGNORE
 from adapterkit.train import TrainConfig, train
-from tests.tiny_lm import one_thread, tiny_bart, tiny_t5, tiny_tokenizer, toy_translation
+from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
+from tests.tiny_lm import tiny_bart, tiny_t5, tiny_tokenizer, toy_translation
 
 BUILD = {"t5": tiny_t5, "bart": tiny_bart}
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -110,6 +110,7 @@ def convert_gguf(gguf_path: Path, destination: Path) -> tuple[PreTrainedModel, P
     model, tokenizer = load_gguf(gguf_path)
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", dir=destination.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
