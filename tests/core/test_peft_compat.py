@@ -164,6 +164,15 @@ def test_peft_adapter_round_trips_through_us(tmp_path: Path) -> None:
     assert (peft_output(again, inputs) - expected).abs().max().item() <= TOL
 
 
+def test_peft_adapter_onto_another_architecture_is_refused(tmp_path: Path) -> None:
+    kind, make = PEFT_CASES["lora-bert-seq-cls"]
+    _saved_by_peft(kind, make, tmp_path)
+    other, _ = build_tiny("gpt2")
+    with pytest.raises(ak.BaseModelMismatchError, match="onto GPT2LMHeadModel: .*query.*match no module"):
+        ak.load_adapter(other, tmp_path)
+    assert ak.list_adapters(other) == []
+
+
 def test_peft_features_we_lack_are_refused_clearly(tmp_path: Path) -> None:
     model, _ = build_tiny("bert")
     peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["query", "value"],

@@ -255,6 +255,12 @@ def test_missing_folder_and_tensors(saved: Path) -> None:
         ak.load_adapter(build_tiny("gpt2")[0], saved)
 
 
+def test_an_interrupted_swap_is_pointed_out(saved: Path) -> None:
+    saved.rename(saved.parent / ".a.old-1234abcd")  # as a crash between the two renames leaves it
+    with pytest.raises(ak.MissingAdapterFileError, match=r"interrupted save left .*\.a\.old-1234abcd"):
+        ak.load_adapter(build_tiny("gpt2")[0], saved)
+
+
 def test_optional_files_may_be_missing(saved: Path) -> None:
     (saved / "README.md").unlink()
     (saved / "adapterkit.json").unlink()
@@ -313,3 +319,12 @@ def test_saving_onto_a_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "f").write_text("x")
     with pytest.raises(NotADirectoryError, match="not a folder"):
         ak.save_adapter(model, "task", tmp_path / "f")
+
+
+def test_tensor_shapes_fit_only_by_adding_or_dropping_unit_dimensions() -> None:
+    from adapterkit.core.registry import ShapeMismatchError, fit_shape
+
+    param = torch.zeros(4, 1)
+    assert fit_shape(torch.ones(4), param, "v").shape == (4, 1)
+    with pytest.raises(ShapeMismatchError, match=r"v has shape \(1, 4\) in the file but \(4, 1\)"):
+        fit_shape(torch.ones(1, 4), param, "v")

@@ -37,6 +37,11 @@ class Method:
     layer_class: ClassVar[type[AdapterLayer] | None] = None
     peft_type: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False
+    # Why ``merge`` refuses this method (shown to the user); methods may say it better.
+    not_mergeable_because: ClassVar[str] = (
+        "its update is not a change of existing weights (it adds a non-linear computation "
+        "or changes the sequence), so no weight matrix of the base model can absorb it"
+    )
 
     # --- attaching ------------------------------------------------------
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -155,11 +160,15 @@ class ShapeMismatchError(ValueError):
 
 
 def fit_shape(tensor: torch.Tensor, param: torch.Tensor, key: str) -> torch.Tensor:
-    """``tensor`` in ``param``'s shape, if they differ only by size-1 dimensions."""
+    """``tensor`` in ``param``'s shape, if it only lacks or adds size-1 dimensions.
+
+    ``(out,)`` fits ``(out, 1)``; ``(1, n)`` does not fit ``(n, 1)``, since
+    that swap changes what the tensor means.
+    """
     if tensor.shape == param.shape:
         return tensor
     squeeze = lambda shape: [d for d in shape if d != 1]  # noqa: E731
-    if squeeze(tensor.shape) == squeeze(param.shape):
+    if tensor.dim() != param.dim() and squeeze(tensor.shape) == squeeze(param.shape):
         return tensor.reshape(param.shape)
     raise ShapeMismatchError(
         f"tensor {key} has shape {tuple(tensor.shape)} in the file but {tuple(param.shape)} "

@@ -261,6 +261,8 @@ def read_adapter_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     except (ConfigError, KeyError) as err:
         info.setdefault("method", None)
         info["unsupported"] = _message(err)
+    for key in ("name", "task", "labels"):
+        info.setdefault(key, None)
     info["num_parameters"] = sum(_numel(shape) for shape in shapes)
     info["num_tensors"] = len(shapes)
     info["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
@@ -287,9 +289,14 @@ def _read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any] | None, d
 
 
 def _check_folder(folder: Path) -> None:
-    if not folder.is_dir():
-        what = "is a file, not a folder" if folder.exists() else "does not exist"
-        raise MissingAdapterFileError(f"no adapter at {folder}: the path {what}")
+    if folder.is_dir():
+        return
+    what = "is a file, not a folder" if folder.exists() else "does not exist"
+    # a save interrupted mid-swap (a crash, not an exception) leaves the adapters beside it
+    leftovers = folder.parent.glob(f".{folder.name}.*-*") if not folder.exists() else []
+    aside = sorted(str(p) for p in leftovers if p.is_dir())
+    hint = f"; an interrupted save left {aside}: rename the complete one to {folder.name}" if aside else ""
+    raise MissingAdapterFileError(f"no adapter at {folder}: the path {what}{hint}")
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any] | None:
