@@ -121,8 +121,8 @@ def merge(model: nn.Module, name: str | None = None) -> None:
         method = get_method(state.configs[adapter])
         if not method.mergeable:
             raise MergeError(
-                f"adapter {adapter!r} uses {method.name}, which cannot be merged: only methods whose "
-                "update is a linear change of existing weights (lora, ia3) have a merged form"
+                f"adapter {adapter!r} uses {method.name}, which cannot be merged: "
+                f"{method.not_mergeable_because}"
             )
         for _, layer in adapter_layers(model):
             if layer.method == method.name and layer.has_adapter(adapter) and adapter not in layer.merged_adapters:

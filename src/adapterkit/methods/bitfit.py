@@ -87,6 +87,10 @@ class BitFitMethod(Method):
     name = "bitfit"
     config_class = BitFitConfig
     layer_class = BitFitLayer
+    not_mergeable_because = (
+        "the learned offsets stay beside the base biases so that several BitFit adapters can share "
+        "one model and unload restores it exactly; copy the offsets into the biases yourself for a merged model"
+    )
 
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         heads = head_paths(model)
