@@ -1,0 +1,145 @@
+"""SST-2 end to end: adapterkit vs PEFT + Trainer vs full fine-tuning, and every method.
+
+    python bench/sst2_end_to_end.py [--train-size 67349] [--seeds 0 1 2] [--methods ...]
+
+One epoch over (a seeded sample of) ``../shared/datasets/sst2/train.tsv``,
+accuracy on the full validation set (872 sentences). Wall time counts
+tokenisation and training, not evaluation. All runs use MiniLM, batch 32,
+max length 64, the same threads and float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+
+import adapterkit as ak  # noqa: E402
+
+SST2 = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "sst2"
+BATCH, MAX_LENGTH = 32, 64
+
+# method -> (config factory, learning rate); rates are our defaults per method family
+METHODS: dict[str, tuple[Callable[[], ak.AdapterConfig | None], float]] = {
+    "lora": (lambda: ak.LoraConfig(rank=8, alpha=16, targets=["query", "value"]), 1e-3),
+    "dora": (lambda: ak.LoraConfig(rank=8, alpha=16, targets=["query", "value"], use_dora=True), 1e-3),
+    "houlsby": (lambda: ak.BottleneckConfig(placement="houlsby"), 1e-3),
+    "pfeiffer": (lambda: ak.BottleneckConfig(placement="pfeiffer"), 1e-3),
+    "parallel": (lambda: ak.BottleneckConfig(placement="parallel"), 1e-3),
+    "ia3": (lambda: ak.IA3Config(), 5e-3),
+    "prefix": (lambda: ak.PrefixTuningConfig(num_virtual_tokens=20), 5e-3),
+    "prompt": (lambda: ak.PromptTuningConfig(num_virtual_tokens=20), 3e-2),
+    "bitfit": (lambda: ak.BitFitConfig(), 2e-3),
+    "full": (lambda: None, 5e-5),
+}
+
+
+def read_sst2(name: str, limit: int | None, seed: int) -> list[dict]:
+    with open(SST2 / name, newline="", encoding="utf-8") as f:
+        rows = [{"sentence": r["sentence"].strip(), "label": r["label"]}
+                for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    if limit is not None and limit < len(rows):
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+        rows = [rows[i] for i in order[:limit]]
+    return rows
+
+
+def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int) -> dict:
+    factory, lr = METHODS[method]
+    model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"])
+    config = factory()
+    if config is not None:
+        ak.add_adapter(model, "sst2", config)
+    summary = ak.trainable_summary(model)
+    train_data = ak.load_data(train_rows, text_column="sentence", label_column="label")
+    val_data = ak.load_data(val_rows, text_column="sentence", label_column="label", labels=train_data.labels)
+    start = time.perf_counter()
+    ak.train(model, tokenizer, train_data, None, ak.TrainConfig(
+        epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
+        num_threads=torch.get_num_threads()))
+    seconds = time.perf_counter() - start
+    accuracy = ak.evaluate(model, tokenizer, val_data)["accuracy"]
+    size = 0
+    if config is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ak.save_adapter(model, "sst2", tmp)
+            size = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+    return {"accuracy": accuracy, "seconds": seconds, "percent": summary["percent"], "bytes": size}
+
+
+def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int) -> dict:
+    """PEFT LoRA (rank 8, query/value) with the Hugging Face Trainer, set up as its docs suggest."""
+    import numpy as np
+    import peft
+    from datasets import Dataset
+    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                              Trainer, TrainingArguments)
+
+    folder = common.minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                       task_type="SEQ_CLS"))
+
+    def encode(rows: list[dict]) -> Dataset:
+        data = Dataset.from_list([{"sentence": r["sentence"], "label": int(r["label"])} for r in rows])
+        return data.map(lambda b: tokenizer(b["sentence"], truncation=True, max_length=MAX_LENGTH),
+                        batched=True, remove_columns=["sentence"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        args = TrainingArguments(output_dir=tmp, num_train_epochs=1, per_device_train_batch_size=BATCH,
+                                 learning_rate=1e-3, seed=seed, report_to=[], save_strategy="no",
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=True)
+        trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
+                          data_collator=DataCollatorWithPadding(tokenizer))
+        trainer.train()
+        seconds = time.perf_counter() - start
+        predictions = trainer.predict(encode(val_rows))
+    accuracy = float((np.argmax(predictions.predictions, -1) == predictions.label_ids).mean())
+    return {"accuracy": accuracy, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--train-size", type=int, default=None, help="sample this many training sentences")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--skip-peft", action="store_true")
+    args = parser.parse_args()
+    print(common.machine())
+    val_rows = read_sst2("validation.tsv", None, 0)
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:
+        train_rows = read_sst2("train.tsv", args.train_size, seed)
+        print(f"seed {seed}: {len(train_rows)} training sentences", flush=True)
+        if not args.skip_peft:
+            results.setdefault("peft lora + Trainer", []).append(run_peft_trainer(train_rows, val_rows, seed))
+            print("peft", results["peft lora + Trainer"][-1], flush=True)
+        for method in args.methods:
+            results.setdefault(method, []).append(run_adapterkit(method, train_rows, val_rows, seed))
+            print(method, results[method][-1], flush=True)
+    full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))
+    rows = []
+    for name, runs in results.items():
+        acc = [r["accuracy"] * 100 for r in runs]
+        rows.append([name, f"{statistics.mean(acc):.2f}" + (f" ± {statistics.stdev(acc):.2f}" if len(acc) > 1 else ""),
+                     f"{statistics.mean(acc) - full * 100:+.2f}",
+                     f"{runs[0].get('percent', float('nan')):.3f}" if "percent" in runs[0] else "-",
+                     f"{runs[0]['bytes'] / 1024:.0f}" if runs[0].get("bytes") else "-",
+                     f"{statistics.mean(r['seconds'] for r in runs):.0f}"])
+    print(common.table(["run", "val accuracy %", "vs full FT (points)", "trainable %", "adapter KiB",
+                        "train seconds"], rows))
+
+
+if __name__ == "__main__":
+    main()
