@@ -121,6 +121,7 @@ def test_run_folder_contents(folder, toy, tmp_path):
     assert result.adapter_dir == str(run / "adapter")
 
 
+@pytest.mark.filterwarnings("ignore:bf16")
 def test_bfloat16_autocast_trains(folder, toy):
     model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
     before = _trainable(model)

@@ -24,6 +24,16 @@ def inference_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU advertises bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def autocast(bf16: bool) -> contextlib.AbstractContextManager:
     """bfloat16 autocast on the CPU when asked for, else nothing."""
     if bf16:

@@ -12,6 +12,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
-from adapterkit.evaluate.runner import autocast, run_inference
+from adapterkit.evaluate.runner import autocast, cpu_has_native_bf16, run_inference
 from adapterkit.tasks import LOWER_IS_BETTER, Task, get_task
 from adapterkit.train.checkpoint import (
     LoopState,
@@ -116,6 +117,9 @@ def train(
     checkpoints = run_dir / "checkpoints" if run_dir else None
     if eval_data is not None:
         eval_data = task.relabel(eval_data, train_data.labels)
+    if config.bf16 and not cpu_has_native_bf16():
+        warnings.warn("bf16: this CPU has no native bfloat16 instructions (avx512_bf16/amx_bf16); "
+                      "autocast still works but is emulated and usually slower than float32", stacklevel=2)
 
     # Tokenize once; batches are padded per batch (dynamic padding).
     features = task.encode(train_data, tokenizer, config.max_length)
@@ -208,13 +212,15 @@ def train(
                                 write_atomically(checkpoints / "best", {
                                     "trainable.safetensors": best_weights, "metrics.json": metrics,
                                     "state.json": {"step": state.step}})
-                        bar.write(f"step {state.step}: eval {metric} {metrics[metric]:.4f} "
-                                  f"(best {state.best_metric:.4f} at step {state.best_step})")
+                        if config.progress:
+                            bar.write(f"step {state.step}: eval {metric} {metrics[metric]:.4f} "
+                                      f"(best {state.best_metric:.4f} at step {state.best_step})")
                     if checkpoints:
                         save_checkpoint(checkpoints / "last", model, optimizer, scheduler, state, rng, fingerprint)
                     if state.stopped_early:
-                        bar.write(f"early stop: no better eval {metric} for "
-                                  f"{state.evals_without_improvement} evaluations")
+                        if config.progress:
+                            bar.write(f"early stop: no better eval {metric} for "
+                                      f"{state.evals_without_improvement} evaluations")
                         break
             if state.batch_in_epoch >= len(batches):
                 state.epoch += 1
