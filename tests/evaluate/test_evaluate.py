@@ -69,3 +69,32 @@ def test_evaluate_a_file_with_its_own_label_order(model_and_data, tmp_path):
     with pytest.raises(DataError, match="'neutral' was never seen in training") as err:
         evaluate(model, tokenizer, path, text_column="sentence", label_column="y")
     assert err.value.where == "line 3"
+
+
+def test_predict_routes_each_text_to_its_adapter(tmp_path):
+    import adapterkit as ak
+
+    folder = tiny_bert_folder(tmp_path / "tiny", dropout=0.0)
+    data = load_data(toy_sentiment(10, seed=1))
+    model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.0)
+    ak.add_adapter(model, "other", ak.LoraConfig(rank=2))
+    with torch.no_grad():  # two clearly different adapters, heads included
+        for i, name in enumerate(ak.list_adapters(model)):
+            for param in ak.adapter_parameters(model, name).values():
+                param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(i)))
+    model.eval()
+    texts = ["good film", "the plot was dull", "a great story", "bad acting"]
+    names = [ak.list_adapters(model)[0], "other", None, "other"]
+    expected = []
+    for text, name in zip(texts, names):
+        if name is None:
+            with ak.adapters_disabled(model):
+                expected.append(predict(model, tokenizer, [text])[0])
+        else:
+            ak.set_active(model, name)
+            expected.append(predict(model, tokenizer, [text])[0])
+    routed = predict(model, tokenizer, texts, batch_size=4, adapter_names=names)
+    assert [label for label, _ in routed] == [label for label, _ in expected]
+    assert [score for _, score in routed] == pytest.approx([score for _, score in expected], abs=1e-5)
+    with pytest.raises(ValueError, match="one per input"):
+        predict(model, tokenizer, texts, adapter_names=names[:2])

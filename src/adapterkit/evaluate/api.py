@@ -84,11 +84,17 @@ def predict(
     *,
     batch_size: int = 64,
     max_length: int | None = None,
+    adapter_names: Sequence[str | None] | None = None,
 ) -> list[Any]:
-    """One prediction per text; for classification a ``(label, score)`` named tuple."""
+    """One prediction per text; for classification a ``(label, score)`` named tuple.
+
+    ``adapter_names`` gives one adapter per text (``None``: the base model);
+    texts for different adapters still share batches (see ``adapterkit.route``).
+    """
     task = get_task(task_name_for_model(model))
     if isinstance(texts, str):
         texts = [texts]
     data = task.from_texts(texts, model_labels(model))
-    predictions, _ = run_inference(model, tokenizer, task, data, _max_length(tokenizer, max_length), batch_size)
+    predictions, _ = run_inference(model, tokenizer, task, data, _max_length(tokenizer, max_length), batch_size,
+                                   adapter_names=adapter_names)
     return predictions

@@ -50,19 +50,41 @@ def run_inference(
     batch_size: int = 64,
     features: list[Feature] | None = None,
     bf16: bool = False,
+    adapter_names: Sequence[str | None] | None = None,
 ) -> tuple[list[Any], list[Any]]:
-    """``(predictions per example, raw outputs per feature)`` for ``data``."""
+    """``(predictions per example, raw outputs per feature)`` for ``data``.
+
+    With ``adapter_names`` (one per example, ``None`` for the base model), each
+    batch is routed so that every example runs through its own adapter.
+    """
     if features is None:
         features = task.encode(data, tokenizer, max_length)
+    if adapter_names is not None and len(adapter_names) != len(data.examples):
+        raise ValueError(
+            f"adapter_names has {len(adapter_names)} entries for {len(data.examples)} inputs; give one per input"
+        )
     outputs: list[Any] = [None] * len(features)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), autocast(bf16):
             for indices in inference_batches([task.length(f) for f in features], batch_size):
-                batch = task.collate([features[i] for i in indices], tokenizer)
-                for i, out in zip(indices, task.infer(model, batch)):
+                chunk = [features[i] for i in indices]
+                batch = task.collate(chunk, tokenizer)
+                with _routed(model, adapter_names, chunk):
+                    raw = task.infer(model, batch)
+                for i, out in zip(indices, raw):
                     outputs[i] = out
     finally:
         model.train(was_training)
     return task.decode(data, features, outputs), outputs
+
+
+def _routed(model: PreTrainedModel, adapter_names: Sequence[str | None] | None,
+            chunk: Sequence[Feature]) -> contextlib.AbstractContextManager:
+    """Route each feature of a batch to the adapter of the example it came from."""
+    if adapter_names is None:
+        return contextlib.nullcontext()
+    from adapterkit.core import route
+
+    return route(model, [adapter_names[f["_example"]] for f in chunk])
