@@ -182,6 +182,14 @@ def test_peft_features_we_lack_are_refused_clearly(tmp_path: Path) -> None:
         ak.load_adapter(fresh, tmp_path)
     assert ak.list_adapters(fresh) == []
 
+    model, _ = build_tiny("gpt2")  # PEFT has DoRA on embeddings; adapterkit does not
+    peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["wte"], use_dora=True)).save_pretrained(
+        str(tmp_path / "dora-embedding"))
+    fresh, _ = build_tiny("gpt2")
+    with pytest.raises(ak.AdapterFileError, match="adapter_config.json: DoRA is defined for linear layers"):
+        ak.load_adapter(fresh, tmp_path / "dora-embedding")
+    assert ak.list_adapters(fresh) == []
+
 
 # --- prompt learning (prompt and prefix tuning) -------------------------------------------
 VIRTUAL = {  # case -> (kind, our method, our fields, PEFT config class, PEFT fields)

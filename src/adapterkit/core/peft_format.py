@@ -61,8 +61,8 @@ def peft_config_for(method: Method, config: AdapterConfig, model: nn.Module,
     except NotImplementedError:
         return None
     data["peft_type"] = method.peft_type
-    saved_heads = list(data.get("modules_to_save") or []) + [h for h in heads if h not in (data.get("modules_to_save") or [])]
-    data["modules_to_save"] = saved_heads or None
+    own_heads = list(data.get("modules_to_save") or [])
+    data["modules_to_save"] = own_heads + [h for h in heads if h not in own_heads] or None
     if data.get("task_type") is None:
         data["task_type"] = infer_task_type(model)
     if not data.get("base_model_name_or_path"):

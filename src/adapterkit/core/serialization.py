@@ -184,6 +184,15 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
     had_adapters, previous = bool(list_adapters(model)), active_adapters(model)
     try:
         add_adapter(model, name, config)
+    except Exception as err:
+        _undo_load(model, name, had_adapters, previous)
+        if isinstance(err, TargetError):
+            raise BaseModelMismatchError(f"cannot load the adapter in {folder} onto "
+                                         f"{type(model).__name__}: {err}") from err
+        if isinstance(err, ConfigError):
+            raise AdapterFileError(f"{folder / CONFIG_FILE}: {err}") from err
+        raise
+    try:
         rest = _load_heads(model, name, from_peft_names(raw))
         method.import_tensors(model, name, rest)
         check_touched(saved_base, model, name, str(folder))
@@ -191,7 +200,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
         _undo_load(model, name, had_adapters, previous)
         if isinstance(err, BaseModelMismatchError):
             raise
-        if isinstance(err, (TargetError, ShapeMismatchError)):
+        if isinstance(err, ShapeMismatchError):
             raise BaseModelMismatchError(f"cannot load the adapter in {folder} onto "
                                          f"{type(model).__name__}: {err}") from err
         raise AdapterFileError(f"cannot load {folder / WEIGHTS_FILE}: {_message(err)}") from err
