@@ -123,3 +123,13 @@ def test_route_with_mixed_ranks_matches_single_adapter_runs() -> None:
         torch.testing.assert_close(routed[row][mask[row]], expected[row][mask[row]], rtol=0, atol=1e-5)
     with torch.enable_grad(), ak.route(model, names):  # with gradients on, the same numbers
         torch.testing.assert_close(model(**batch).logits.detach(), routed, rtol=0, atol=1e-6)
+
+
+def test_adapter_added_in_eval_mode_applies_no_dropout() -> None:
+    model, inputs = build_tiny("bert")
+    ak.add_adapter(model, "a", ak.LoraConfig(dropout=0.5))
+    with torch.no_grad():
+        for p in ak.adapter_parameters(model, "a").values():
+            p.add_(0.3)
+    assert not model.training
+    torch.testing.assert_close(output_tensor(model, inputs), output_tensor(model, inputs), rtol=0, atol=0)

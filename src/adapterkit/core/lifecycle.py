@@ -61,6 +61,9 @@ def add_adapter(
         _remove(model, name, state)
         raise
     state.active = [name]
+    # New layers are built in training mode; follow the model's mode so that an
+    # adapter added to a model in eval mode does not apply dropout.
+    model.train(model.training)
     refresh_trainable(model)
 
 
