@@ -111,6 +111,7 @@ def test_run_folder_contents(folder, toy, tmp_path):
     assert all({"loss", "lr", "examples_per_s"} <= r.keys() for r in records if r["split"] == "train")
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert TrainConfig.from_dict(yaml.safe_load((run / "train_config.yaml").read_text())) == config
     # the model ends with the best checkpoint's weights, which is also on disk
     best = load_file(str(run / "checkpoints" / "best" / "trainable.safetensors"))

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
+from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.evaluate.runner import autocast, cpu_has_native_bf16, run_inference
 from adapterkit.tasks import LOWER_IS_BETTER, Task, get_task
 from adapterkit.train.checkpoint import (
@@ -246,5 +247,8 @@ def train(
     )
     if run_dir:
         plot_training_curve(log.records, metric, run_dir / "training_curve.png")
+        if result.metrics.get("confusion_matrix"):  # of the final weights on the evaluation data
+            plot_confusion_matrix(result.metrics["confusion_matrix"], result.metrics["labels"],
+                                  run_dir / "confusion_matrix.png")
         result.adapter_dir = save_run_adapter(model, run_dir / "adapter", train_data, config, result)
     return result
