@@ -51,7 +51,8 @@ def train(
         config: a YAML run file; the flags below override its values.
         model: model alias (minilm) or local Hugging Face folder.
         task: the task (default classification).
-        data: training data: rotten_tomatoes or a CSV/TSV/JSON/JSONL/Parquet file.
+        data: training data: a built-in name (rotten_tomatoes, wnut16) or a CSV/TSV/JSON/JSONL/Parquet
+            file; token-classification also reads CoNLL files (token ... tag per line).
         eval_data: validation file (default: the built-in validation split, or 10% of the training file).
         test_data: test file (default: the built-in test split).
         text_column: column with the text.
