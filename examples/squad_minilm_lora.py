@@ -3,7 +3,8 @@
 Splits a SQuAD file by article (20 train / 4 validation articles of
 ``dev-part1.json``), trains LoRA on every linear layer plus the QA head, and
 reports validation exact match and F1. The split files go to ``--out``,
-never into the repository.
+never into the repository. The defaults (64 steps of 16 windows of 256
+tokens, about 16 minutes on a shared 2-core CPU) gave EM 10.1 / F1 17.9.
 
     HF_HUB_OFFLINE=1 python examples/squad_minilm_lora.py \
         --squad ../shared/datasets/squad_v1.1/dev-part1.json --out /tmp/qa/run
@@ -31,12 +32,12 @@ def main() -> None:
     parser.add_argument("--validation-articles", type=int, default=4)
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--head-lr", type=float, default=None, help="QA head learning rate (default: --lr)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--head-lr", type=float, default=1e-2, help="learning rate of the fresh QA head")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
 
     started = time.perf_counter()
