@@ -24,9 +24,9 @@ QUESTION = "which colour is named ?"
 def tiny_qa_tokenizer(folder: Path) -> BertTokenizerFast:
     """A lower-casing word-level BERT tokenizer over ``WORDS``, saved in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(SPECIALS + WORDS) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab), do_lower_case=True)
+    # transformers 5 ignores ``vocab_file`` here; the vocabulary must be passed as a dict
+    vocab = {word: i for i, word in enumerate(SPECIALS + WORDS)}
+    tokenizer = BertTokenizerFast(vocab=vocab, do_lower_case=True)
     tokenizer.save_pretrained(folder)
     return tokenizer
 
