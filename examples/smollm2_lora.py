@@ -38,8 +38,8 @@ SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"
 # Per data set: default subset sizes, sequence length and learning rate.
 DEFAULTS: dict[str, dict[str, Any]] = {
     "alpaca": {"train": 160, "eval": 80, "max_length": 192, "lr": 1e-3},
-    "gsm8k": {"train": 64, "eval": 50, "max_length": 256, "lr": 1e-3},
-    "multi30k": {"train": 240, "eval": 100, "max_length": 96, "lr": 1e-3},
+    "gsm8k": {"train": 48, "eval": 40, "max_length": 256, "lr": 1e-3},
+    "multi30k": {"train": 200, "eval": 80, "max_length": 96, "lr": 1e-3},
 }
 
 
