@@ -96,7 +96,7 @@ def test_user_errors_exit_2_with_a_message(trained, capsys, tmp_path):
     root, _, _ = trained
     code, _, err = _run(capsys, ["train", "--data", str(root / "train.csv"), "--text-column", "sentence",
                                  "--output", str(tmp_path / "x")])
-    assert code == 2 and "no text_column column 'sentence'" in err and "['review', 'label']" in err
+    assert code == 2 and "no column 'sentence' for the text" in err and "['review', 'label']" in err
     code, _, err = _run(capsys, ["train", "--resume"])
     assert code == 2 and "--output" in err
     code, _, err = _run(capsys, ["info", str(tmp_path)])

@@ -93,8 +93,9 @@ def train(
     print(f"trainable:    {result.trainable['trainable']:,} of {result.trainable['total']:,} "
           f"parameters ({result.trainable['percent']:.2f}%)")
     metric = result.train.metric
-    if result.train.best_metric is not None:
-        print(f"validation:   {metric} {result.train.best_metric:.4f} (best, step {result.train.best_step})")
+    if metric in result.train.metrics:  # the weights the run ends with
+        print(f"validation:   {metric} {result.train.metrics[metric]:.4f} "
+              f"(best {result.train.best_metric:.4f} at step {result.train.best_step})")
     if result.test_metrics:
         print(f"test:         {metric} {result.test_metrics[metric]:.4f} "
               f"on {result.test_metrics.get('count', '?')} examples")

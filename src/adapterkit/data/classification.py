@@ -37,8 +37,8 @@ def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
         if column is not None and column not in table.frame.columns:
             raise DataError(
                 table.source,
-                f"no {role} column {column!r}; the columns found are {present}. "
-                f"Choose one with --{role.replace('_', '-')} NAME",
+                f"no column {column!r} for the {role.replace('_column', '').replace('_', ' ')}; "
+                f"the columns found are {present}. Choose one with --{role.replace('_', '-')} NAME",
             )
 
 
