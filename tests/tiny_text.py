@@ -26,11 +26,14 @@ def tiny_tokenizer(folder: Path) -> BertTokenizer:
     return tokenizer
 
 
-def tiny_bert_folder(folder: Path, num_labels: int = 2, seed: int = 0, dropout: float = 0.1) -> Path:
+def tiny_bert_folder(folder: Path, num_labels: int = 2, seed: int = 0, dropout: float = 0.1,
+                     with_head: bool = True) -> Path:
     """A randomly initialised 2-layer BERT classifier and its tokenizer, saved like a hub checkout.
 
     The large ``initializer_range`` keeps word identity visible at the [CLS]
     position of a random model, so LoRA can learn the toy task in few steps.
+    ``with_head=False`` saves the bare encoder (like MiniLM), so loading it for
+    classification initialises a new head.
     """
     tokenizer = tiny_tokenizer(folder)
     config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
@@ -38,7 +41,8 @@ def tiny_bert_folder(folder: Path, num_labels: int = 2, seed: int = 0, dropout: 
                         num_labels=num_labels, initializer_range=0.2,
                         hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     torch.manual_seed(seed)
-    BertForSequenceClassification(config).save_pretrained(folder)
+    model = BertForSequenceClassification(config)
+    (model if with_head else model.bert).save_pretrained(folder)
     return folder
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from adapterkit.evaluate import evaluate
 from adapterkit.models import adapter_info, load_with_adapter
@@ -42,3 +44,17 @@ def test_a_file_without_eval_data_holds_out_ten_percent(files, tmp_path):
                            train={"max_steps": 1, "batch_size": 8, "num_threads": 1, "progress": False}))
     assert result.train.metrics["count"] == 6  # 10% of 64, rounded, per class 3 + 3
     assert result.test_metrics == {}  # no test file, no test split
+
+
+def test_same_config_same_adapter_in_any_process_state(files, tmp_path):
+    """The new head and the adapter are initialised from the run's seed, not from whatever
+    state the global generator happens to be in."""
+    base = tiny_bert_folder(tmp_path / "encoder", with_head=False)  # classify -> a fresh head
+    saved = []
+    for i in range(2):
+        torch.rand(i + 1)  # leave the global generator somewhere else each time
+        result = run(RunConfig(model=str(base), data=str(files / "train.csv"), output=str(tmp_path / f"run{i}"),
+                               train={"max_steps": 2, "batch_size": 8, "num_threads": 1, "progress": False}))
+        saved.append(load_file(f"{result.adapter_dir}/adapter_model.safetensors"))
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])

@@ -21,7 +21,7 @@ from adapterkit.data.builtin import BUILTIN_DATASETS
 from adapterkit.evaluate import evaluate
 from adapterkit.models import load_model
 from adapterkit.train.config import TrainConfig, TrainConfigError
-from adapterkit.train.loop import train
+from adapterkit.train.loop import seed_everything, train
 from adapterkit.train.records import scalar_metrics
 from adapterkit.train.result import TrainResult, save_run_adapter
 
@@ -193,6 +193,9 @@ def run(config: RunConfig) -> RunResult:
     train_config = config.train_config(output_dir)
     adapter_config = config.adapter_config()
     train_data, eval_data, test_data = load_run_data(config)
+    # Seed before the new head and the adapter are initialised, so that the
+    # same config gives the same weights in every process.
+    seed_everything(train_config.seed)
     model, tokenizer = load_model(config.model, task=config.task, labels=train_data.labels)
     add_adapter(model, config.adapter_name, adapter_config)
     trainable = trainable_summary(model)
