@@ -86,3 +86,13 @@ def output_tensor(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
     """The logits of a forward pass, with gradients off."""
     with torch.no_grad():
         return model(**inputs).logits
+
+
+def perturb(model: torch.nn.Module, name: str, seed: int = 0, scale: float = 0.3) -> None:
+    """Move adapter ``name``'s own weights (not its head) away from their initial values."""
+    import adapterkit as ak
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in ak.adapter_parameters(model, name, include_head=False).values():
+            param.add_(torch.randn(param.shape, generator=gen) * scale)

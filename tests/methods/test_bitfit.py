@@ -7,16 +7,10 @@ import torch
 
 import adapterkit as ak
 from adapterkit.methods.bitfit import BitFitLayer
-from tests.tiny_models import build_tiny, output_tensor
+from tests.tiny_models import perturb, build_tiny, output_tensor
 
 KINDS = ["bart", "bert", "gpt2"]  # Llama and T5 have no biases
 
-
-def perturb(model: torch.nn.Module, name: str, seed: int = 0) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, name, include_head=False).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
 
 
 def bitfit_layers(model: torch.nn.Module) -> dict[str, BitFitLayer]:

@@ -9,18 +9,11 @@ import torch.nn.functional as F
 import adapterkit as ak
 from adapterkit.core.architectures import modules_in_role
 from adapterkit.methods.bottleneck import PARALLEL_SCALING, BottleneckLayer, same_layer
-from tests.tiny_models import TINY_BUILDERS, build_tiny, output_tensor
+from tests.tiny_models import perturb, TINY_BUILDERS, build_tiny, output_tensor
 
 KINDS = sorted(TINY_BUILDERS)
 PLACEMENTS = ["houlsby", "pfeiffer", "parallel"]
 
-
-def perturb(model: torch.nn.Module, name: str, seed: int = 0) -> None:
-    """Move the adapter away from its identity init (up-projection is zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, name, include_head=False).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
 
 
 def wrapped(model: torch.nn.Module) -> dict[str, BottleneckLayer]:

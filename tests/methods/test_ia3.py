@@ -8,17 +8,10 @@ import torch
 import adapterkit as ak
 from adapterkit.core.registry import get_method
 from adapterkit.methods.ia3 import IA3Layer
-from tests.tiny_models import TINY_BUILDERS, build_tiny, output_tensor
+from tests.tiny_models import perturb, TINY_BUILDERS, build_tiny, output_tensor
 
 KINDS = sorted(TINY_BUILDERS)
 
-
-def perturb(model: torch.nn.Module, name: str, seed: int = 0) -> None:
-    """Move the scaling vectors away from 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in ak.adapter_parameters(model, name, include_head=False).values():
-            param.add_(torch.randn(param.shape, generator=gen) * 0.3)
 
 
 def ia3_layers(model: torch.nn.Module) -> dict[str, IA3Layer]:
