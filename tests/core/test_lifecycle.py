@@ -125,6 +125,31 @@ def test_route_with_mixed_ranks_matches_single_adapter_runs() -> None:
         torch.testing.assert_close(model(**batch).logits.detach(), routed, rtol=0, atol=1e-6)
 
 
+def test_route_sees_weights_changed_in_place_between_calls() -> None:
+    """Routed weight stacks are cached, but an in-place update must never serve stale weights."""
+    model, inputs = build_tiny("gpt2")
+    for name in ("a", "b"):
+        ak.add_adapter(model, name, ak.LoraConfig(rank=2))
+        with torch.no_grad():
+            for p in ak.adapter_parameters(model, name).values():
+                p.add_(torch.randn(p.shape) * 0.3)
+    mask = inputs["attention_mask"].bool()
+
+    def single(row: int, name: str) -> torch.Tensor:
+        ak.set_active(model, name)
+        return output_tensor(model, {k: v[row:row + 1] for k, v in inputs.items()})[0]
+
+    with torch.no_grad(), ak.route(model, ["a", "b"]):
+        before = output_tensor(model, inputs)
+        for key, p in ak.adapter_parameters(model, "b").items():
+            if "lora_B" in key:
+                p.mul_(-2.0)  # an optimiser-style in-place step inside the same route block
+        after = output_tensor(model, inputs)
+    assert not torch.allclose(before[1][mask[1]], after[1][mask[1]])
+    torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # row "a" untouched
+    torch.testing.assert_close(after[1][mask[1]], single(1, "b")[mask[1]], rtol=0, atol=1e-5)
+
+
 def test_adapter_added_in_eval_mode_applies_no_dropout() -> None:
     model, inputs = build_tiny("bert")
     ak.add_adapter(model, "a", ak.LoraConfig(dropout=0.5))

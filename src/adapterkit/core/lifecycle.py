@@ -110,7 +110,6 @@ def route(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.
         raise MergeError("route() needs unmerged adapters; call unmerge(model) first")
     previous = state.routing
     state.routing = list(adapter_names)
-    state.routing_epoch += 1
     try:
         yield model
     finally:

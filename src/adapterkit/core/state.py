@@ -27,8 +27,6 @@ class AdapterState:
     disabled: bool = False
     # One adapter name (or None for the base model) per example of the batch.
     routing: list[str | None] | None = None
-    # Bumped on every route() entry so layers drop weight stacks cached for earlier routes.
-    routing_epoch: int = 0
     # adapter name -> names of the head modules saved with it
     heads: dict[str, list[str]] = field(default_factory=dict)
     # adapter name -> callables that undo non-module changes (hooks, patched forwards)
