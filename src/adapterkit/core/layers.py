@@ -57,12 +57,15 @@ class AdapterLayer(nn.Module):
     # --- which adapters -------------------------------------------------
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds weights for."""
-        names: list[str] = []
+        # Read the containers straight from ``_modules``: this runs at every
+        # forward, and ``nn.Module.__getattr__`` would cost more than the rest.
+        modules = self._modules
+        if len(self.containers) == 1:
+            return list(modules[self.containers[0]].keys())
+        names: dict[str, None] = {}
         for attr in self.containers:
-            for key in getattr(self, attr).keys():
-                if key not in names:
-                    names.append(key)
-        return names
+            names.update(dict.fromkeys(modules[attr].keys()))
+        return list(names)
 
     def has_adapter(self, name: str) -> bool:
         """True when this layer carries weights of adapter ``name``."""
@@ -70,15 +73,18 @@ class AdapterLayer(nn.Module):
 
     def active_adapters(self) -> list[str]:
         """Adapters to apply on top of the (possibly merged) base output."""
-        if self.state.disabled:
+        state = self.__dict__["_state"]
+        if state.disabled or not state.active:
             return []
         held = self.adapter_names()
-        return [n for n in self.state.active if n in held and n not in self.merged_adapters]
+        merged = self.merged_adapters
+        return [n for n in state.active if n in held and n not in merged]
 
     def routing(self, batch_size: int) -> list[str | None] | None:
         """The per-example adapter list when routing is on, checked against the batch."""
-        routes = self.state.routing
-        if routes is None or self.state.disabled:
+        state = self.__dict__["_state"]
+        routes = state.routing
+        if routes is None or state.disabled:
             return None
         if len(routes) != batch_size:
             raise ValueError(

@@ -141,10 +141,14 @@ class LoraLayer(AdapterLayer):
         return (ratio - 1) * plain + ratio * update
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
+        # Submodules are read from ``_modules`` directly: this runs once per layer
+        # and call, where ``nn.Module.__getattr__`` is a measurable share at batch 1.
+        modules = self._modules
+        base = modules["base_layer"]
+        result = base(x, *args, **kwargs)
         routes = self.routing(x.shape[0])
         if routes is not None:
-            if self.is_embedding or self.lora_magnitude_vector:
+            if self.is_embedding or len(modules["lora_magnitude_vector"]):
                 return routed_sum(x, routes, self.adapter_names(), self._delta, result)
             return self._add_routed(x, routes, result)
         active = self.active_adapters()
@@ -152,11 +156,11 @@ class LoraLayer(AdapterLayer):
             return result
         # The plain linear layers do not keep their output for backward, so the
         # deltas can be added in place (one (..., out) allocation fewer per adapter).
-        in_place = self.base_layer.__class__ in _INPLACE_SAFE and not any(
-            n in self.lora_magnitude_vector for n in active)
+        dora = modules["lora_magnitude_vector"]
+        in_place = base.__class__ in _INPLACE_SAFE and not any(n in dora for n in active)
         fused = in_place and not torch.is_grad_enabled() and not self.is_embedding and result.is_contiguous()
         for name in active:
-            if fused and self.lora_B[name].weight.dtype == result.dtype:
+            if fused and modules["lora_B"][name].weight.dtype == result.dtype:
                 self._accumulate(name, x, result)
                 continue
             delta = self._delta(name, x, result).to(result.dtype)
@@ -170,10 +174,13 @@ class LoraLayer(AdapterLayer):
         faster on CPU than ``x A^T`` for small ranks, and the scale rides on the
         second product, so no (tokens, out) temporary is made.
         """
-        a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        rows = self.lora_dropout[name](x.to(a.dtype)).reshape(-1, a.shape[1])
-        hidden_t = torch.mm(a, rows.t())  # (rank, tokens)
-        result.view(-1, b.shape[0]).addmm_(hidden_t.t(), b.t(), alpha=self.scaling[name])
+        modules = self._modules
+        a, b = modules["lora_A"][name].weight, modules["lora_B"][name].weight
+        dropout = modules["lora_dropout"][name]
+        rows = x.to(a.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(a.dtype))
+        rows = rows.reshape(-1, a.shape[1])
+        hidden = torch.mm(a, rows.t()).t().contiguous()  # (tokens, rank); contiguous is faster below
+        result.view(-1, b.shape[0]).addmm_(hidden, b.t(), alpha=self.scaling[name])
 
     def _add_routed(self, x: torch.Tensor, routes: list[str | None], result: torch.Tensor) -> torch.Tensor:
         """Add per-example LoRA deltas of a mixed batch to ``result`` in two batched matmuls.
