@@ -31,6 +31,7 @@ BATCH, MAX_LENGTH = 32, 64
 # method -> (config factory, learning rate); rates are our defaults per method family
 METHODS: dict[str, tuple[Callable[[], ak.AdapterConfig | None], float]] = {
     "lora": (lambda: ak.LoraConfig(rank=8, alpha=16, targets=["query", "value"]), 1e-3),
+    "lora-all": (lambda: ak.LoraConfig(rank=8, alpha=16, targets="all-linear"), 1e-3),
     "dora": (lambda: ak.LoraConfig(rank=8, alpha=16, targets=["query", "value"], use_dora=True), 1e-3),
     "houlsby": (lambda: ak.BottleneckConfig(placement="houlsby"), 1e-3),
     "pfeiffer": (lambda: ak.BottleneckConfig(placement="pfeiffer"), 1e-3),

@@ -35,7 +35,7 @@ def test_shapes_disable_and_unload(kind: str) -> None:
     base = output_tensor(model, inputs)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     hooks = hook_count(model)
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     out = output_tensor(model, inputs)
     assert out.shape == base.shape and not torch.allclose(out, base)
     with ak.adapters_disabled(model):
@@ -79,7 +79,7 @@ def test_matches_peft_both_ways(kind: str) -> None:
     model, inputs = build_tiny(kind)
     theirs = peft.get_peft_model(build_tiny(kind)[0], peft.PrefixTuningConfig(
         task_type=PEFT_TASKS[kind], num_virtual_tokens=P, prefix_projection=True)).eval()
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     # PEFT -> us: its saved (folded) table
     method().import_tensors(model, "p", {"prompt_embeddings": theirs.get_prompt_embedding_to_save("default")})
     torch.testing.assert_close(output_tensor(model, inputs), output_tensor(theirs, inputs), rtol=1e-5, atol=1e-5)
@@ -111,7 +111,7 @@ def test_peft_config_round_trip() -> None:
 
 def test_projection_mlp_and_folding() -> None:
     model, inputs = build_tiny("gpt2")
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     encoder = model.adapterkit_store.adapters["p"]
     assert isinstance(encoder, PrefixEncoder)
     first, act, last = encoder.transform
@@ -144,7 +144,7 @@ def test_projection_mlp_and_folding() -> None:
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_optimizer_step_changes_only_the_adapter(kind: str) -> None:
     model, inputs = build_tiny(kind)
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     model.train()
     own = ak.adapter_parameters(model, "p")
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(own)
@@ -166,7 +166,7 @@ def greedy(model: torch.nn.Module, batch: dict, use_cache: bool) -> object:
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_generation_with_and_without_cache_agree(kind: str) -> None:
     model, inputs = build_tiny(kind)
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     left = {"input_ids": inputs["input_ids"].flip(1), "attention_mask": inputs["attention_mask"].flip(1)}
     for batch in (inputs, left):
         cached, plain = greedy(model, batch, True), greedy(model, batch, False)
@@ -182,7 +182,7 @@ def test_generation_with_and_without_cache_agree(kind: str) -> None:
 
 def test_no_cache_leaks_when_not_asked_for() -> None:
     model, inputs = build_tiny("llama")
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     with torch.no_grad():
         assert model(**inputs, use_cache=False).cache is None
         assert model(**inputs, use_cache=True).cache.get_seq_length() == P + inputs["input_ids"].shape[1]
@@ -191,7 +191,7 @@ def test_no_cache_leaks_when_not_asked_for() -> None:
 def test_several_adapters_switch_delete_and_exclusivity() -> None:
     model, inputs = build_tiny("gpt2")
     hooks = hook_count(model)
-    ak.add_adapter(model, "a", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "a", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     ak.add_adapter(model, "b", ak.PrefixTuningConfig(num_virtual_tokens=5, projection=False))
     out_b = output_tensor(model, inputs)
     ak.set_active(model, "a")
@@ -212,7 +212,7 @@ def test_several_adapters_switch_delete_and_exclusivity() -> None:
 
 def test_routing_a_whole_batch_to_the_prefix() -> None:
     model, inputs = build_tiny("gpt2")
-    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P))
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=P, projection=True))
     active = output_tensor(model, inputs)
     ak.set_active(model, None)
     with ak.route(model, ["p", "p"]):

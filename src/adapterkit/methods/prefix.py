@@ -43,10 +43,16 @@ from adapterkit.methods import _virtual as vt
 
 @dataclass
 class PrefixTuningConfig(AdapterConfig):
-    """Prefix tuning settings: prefix length and whether an MLP reparametrises the prefix."""
+    """Prefix tuning settings: prefix length and whether an MLP reparametrises the prefix.
+
+    ``projection`` is off by default, as in PEFT: on SST-2 with MiniLM the
+    MLP-reparametrised prefix did not learn at all (loss flat at ln 2 for 100
+    steps at lr 1e-3; chance accuracy after 625 steps at 5e-3) while the plain
+    table trained, and the MLP makes 7.8% of that model's parameters trainable.
+    """
 
     num_virtual_tokens: int = 20
-    projection: bool = True
+    projection: bool = False
 
     def validate(self) -> None:
         check_positive(self, "num_virtual_tokens")
