@@ -1,6 +1,6 @@
 """Several adapters in one batch: adapterkit ``route`` vs PEFT ``adapter_names`` vs the base model.
 
-    python bench/routing.py [--repeats 3] [--skip-generate]
+    python bench/routing.py [--repeats 3] [--classify-repeats 20] [--skip-generate]
 
 1. Greedy generation on SmolLM2-135M with 32 LoRA adapters (rank 8, attention
    projections) loaded, a batch of 32 prompts each naming its own adapter,
@@ -116,10 +116,12 @@ def _rows(label: str, seconds: dict[str, float]) -> list[list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--classify-repeats", type=int, default=20,
+                        help="repetitions of the MiniLM forward (short, so more are needed for a stable median)")
     parser.add_argument("--skip-generate", action="store_true")
     args = parser.parse_args()
     print(common.machine())
-    rows = bench_classify(max(args.repeats, 5))
+    rows = bench_classify(args.classify_repeats)
     if not args.skip_generate:
         rows += bench_generate(args.repeats)
     print(common.table(["workload", "variant", "ms (median)", "× base"], rows))

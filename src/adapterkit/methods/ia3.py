@@ -26,6 +26,7 @@ from adapterkit.core.layers import AdapterLayer, MergeError, innermost
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
+from adapterkit.methods._inplace_scale import scale_output
 
 DEFAULT_ROLES = ("key", "value", "ffn_out")
 
@@ -112,7 +113,8 @@ class IA3Layer(AdapterLayer):
             x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
         result = self.base_layer(x, *args, **kwargs)
         if scale_out is not None:
-            result = (result.to(scale_out.dtype) * scale_out).to(result.dtype)
+            # a plain layer's fresh output is held by nobody else: scale it in place
+            result = scale_output(result, scale_out, self.base_layer.__class__ in LINEAR_TYPES)
         return result
 
     def _routed(self, x: torch.Tensor, routes: list[str | None], *args: Any, **kwargs: Any) -> torch.Tensor:
