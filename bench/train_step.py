@@ -5,13 +5,14 @@
 For each configuration both libraries wrap the same freshly loaded model with
 the same modules (PEFT gets the exact module paths adapterkit resolved), train
 with AdamW on the same batch, and take turns; tokens/s are medians. Peak RSS
-is measured in a fresh process per (configuration, library).
+is the median over fresh processes per (configuration, library).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Callable
@@ -112,6 +113,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast")
     parser.add_argument("--smollm", action="store_true", help="also run SmolLM2-135M, batch 8, length 256")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per library for peak RSS (median)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -134,9 +136,13 @@ def main() -> None:
             tps = {lib: batch * seq / s for lib, s in seconds.items()}
             mem = {}
             if not args.no_memory:
-                for lib in libraries:
-                    flag = "1" if bf16 else "0"
-                    mem[lib] = common.run_isolated(__file__, ["--worker", kind, method, lib, str(batch), str(seq), flag])["peak_rss_mib"]
+                flag = "1" if bf16 else "0"
+                samples: dict[str, list[float]] = {lib: [] for lib in libraries}
+                for _ in range(args.memory_runs):  # RSS moves by ~50 MiB between processes: median
+                    for lib in libraries:
+                        worker_args = ["--worker", kind, method, lib, str(batch), str(seq), flag]
+                        samples[lib].append(common.run_isolated(__file__, worker_args)["peak_rss_mib"])
+                mem = {lib: statistics.median(v) for lib, v in samples.items()}
             label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}"
             if method == "full":
                 rows.append([label, f"{tps['full']:.0f}", "-", "-", f"{mem.get('full', 0):.0f}", "-", "-"])
