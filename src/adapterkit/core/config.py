@@ -12,8 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
+from adapterkit.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A method configuration holds a value outside what the method accepts."""
 
 

@@ -16,9 +16,10 @@ import torch.nn as nn
 
 from adapterkit.core.layers import adapter_layers, innermost
 from adapterkit.core.registry import WRAPPER_COMPONENT
+from adapterkit.errors import UserError
 
 
-class BaseModelMismatchError(ValueError):
+class BaseModelMismatchError(UserError, ValueError):
     """The adapter was made for a different base model than the one it is loaded onto."""
 
 

@@ -14,9 +14,10 @@ import torch.nn as nn
 
 from adapterkit.core.config import AdapterConfig
 from adapterkit.core.state import AdapterState
+from adapterkit.errors import UserError
 
 
-class MergeError(RuntimeError):
+class MergeError(UserError, RuntimeError):
     """The adapter's method has no merged form (or it is already merged)."""
 
 

@@ -21,6 +21,7 @@ from adapterkit.core.layers import (
     set_submodule,
 )
 from adapterkit.core.state import AdapterState
+from adapterkit.errors import UserError
 
 
 class Method:
@@ -155,7 +156,7 @@ def disk_name(model: nn.Module, path: str, name: str) -> str:
     return ".".join(p for p in parts if p != WRAPPER_COMPONENT)
 
 
-class ShapeMismatchError(ValueError):
+class ShapeMismatchError(UserError, ValueError):
     """A saved tensor's shape does not fit the parameter it should load into."""
 
 

@@ -25,7 +25,12 @@ import torch.nn as nn
 
 from adapterkit.core.atomic import atomic_folder
 from adapterkit.core.config import AdapterConfig, ConfigError
-from adapterkit.core.fingerprint import BaseModelMismatchError, check_summary, check_touched, fingerprint
+from adapterkit.core.fingerprint import (
+    BaseModelMismatchError,
+    check_summary,
+    check_touched,
+    fingerprint,
+)
 from adapterkit.core.heads import HeadLayer
 from adapterkit.core.layers import adapter_layers
 from adapterkit.core.lifecycle import (
@@ -45,8 +50,15 @@ from adapterkit.core.peft_format import (
     peft_config_for,
     to_peft_names,
 )
-from adapterkit.core.registry import WRAPPER_COMPONENT, Method, ShapeMismatchError, fit_shape, get_method
+from adapterkit.core.registry import (
+    WRAPPER_COMPONENT,
+    Method,
+    ShapeMismatchError,
+    fit_shape,
+    get_method,
+)
 from adapterkit.core.targeting import TargetError
+from adapterkit.errors import UserError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -59,7 +71,7 @@ RESERVED_KEYS = ("adapterkit_version", "format_version", "name", "method", "conf
                  "peft_format", "heads", "fingerprint")
 
 
-class AdapterFileError(ValueError):
+class AdapterFileError(UserError, ValueError):
     """A file of an adapter folder is truncated, corrupt or does not fit the model."""
 
 

@@ -13,8 +13,14 @@ from typing import Sequence
 
 import torch.nn as nn
 
-from adapterkit.core.architectures import ArchSpec, arch_spec, model_type, modules_in_role
+from adapterkit.core.architectures import (
+    ArchSpec,
+    arch_spec,
+    model_type,
+    modules_in_role,
+)
 from adapterkit.core.layers import candidate_modules, innermost
+from adapterkit.errors import UserError
 
 try:  # GPT-2 style linear layer with its weight stored as (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -24,7 +30,7 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
 
-class TargetError(ValueError):
+class TargetError(UserError, ValueError):
     """The requested targets match nothing usable in the model."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from adapterkit.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Input data that cannot be used, with where and what went wrong.
 
     Attributes:

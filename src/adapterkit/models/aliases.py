@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
+from adapterkit.errors import UserError
+
 ModelFormat = Literal["hf", "gguf"]
 
 
@@ -45,7 +47,7 @@ ALIASES: dict[str, ModelAlias] = {
 }
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(UserError, FileNotFoundError):
     """A model name is neither a known alias nor a local model folder."""
 
 

@@ -12,12 +12,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from adapterkit.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-class GenerationError(ValueError):
+class GenerationError(UserError, ValueError):
     """Generation options that cannot be used."""
 
 

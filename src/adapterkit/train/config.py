@@ -6,11 +6,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from adapterkit.errors import UserError
+
 SchedulerName = Literal["linear", "cosine", "constant"]
 SCHEDULERS = ("linear", "cosine", "constant")
 
 
-class TrainConfigError(ValueError):
+class TrainConfigError(UserError, ValueError):
     """A ``TrainConfig`` field holds a value the loop cannot use."""
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch.nn as nn
 
 from adapterkit.data.examples import TaskData
+from adapterkit.errors import UserError
 from adapterkit.models.loading import model_source
 from adapterkit.train.checkpoint import LoopState, find_checkpoint
 from adapterkit.train.config import TrainConfig
@@ -46,7 +47,7 @@ class TrainResult:
     adapter_dir: str | None = None
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite; the run stopped before stepping on it."""
 
     @classmethod
