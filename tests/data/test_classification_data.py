@@ -160,7 +160,7 @@ def test_unknown_suffix_and_missing_file(tmp_path):
     (tmp_path / "data.xlsx").write_text("x")
     with pytest.raises(DataError, match="unknown file type"):
         load_data(tmp_path / "data.xlsx")
-    with pytest.raises(DataError, match="no such file"):
+    with pytest.raises(DataError, match="does not exist"):
         load_data(tmp_path / "absent.csv")
 
 

@@ -82,7 +82,7 @@ def test_seq2seq_table_columns_and_prefix() -> None:
     rows = [{"en": "red", "de": "rot"}, {"en": "blue", "de": "blau"}]
     data = load_data(rows, task="seq2seq", source_prefix="translate English to German: ")
     assert data[0] == {"source": "translate English to German: red", "target": "rot", "where": "record 1"}
-    with pytest.raises(KeyError, match="source_column"):
+    with pytest.raises(DataError, match="source_column"):
         load_data([{"x": "a"}], task="seq2seq")
 
 

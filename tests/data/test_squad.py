@@ -76,7 +76,7 @@ def test_misaligned_answer_start_names_file_entry_and_found_text(tmp_path: Path)
         ({"data": [{"title": "x"}]}, "data[0]", "'paragraphs' list"),
         ([1, 2], "top level", "SQuAD object"),
         (squad(article("T", {"context": CONTEXT_A, "qas": [{"id": "z", "question": "", "answers": []}]})),
-         "qas[0] (id z)", "question must be a non-empty string"),
+         "qas[0] (id z)", "question to be a non-empty string"),
         (squad(article("T", {"context": CONTEXT_A, "qas": [{"id": "z", "question": "Q?", "answers": [],
                                                            "is_impossible": True}]})),
          "qas[0] (id z)", "unanswerable"),

@@ -75,7 +75,7 @@ def builtin_table(name: str, split: str) -> tuple[Table, BuiltinDataset]:
     """Read one split of a built-in data set as a table."""
     entry = BUILTIN_DATASETS[name]
     if split not in SPLIT_FRACTIONS:
-        raise ValueError(f"unknown split {split!r} for {name}; expected one of {list(SPLIT_FRACTIONS)}")
+        raise DataError(name, f"unknown split {split!r}; expected one of {list(SPLIT_FRACTIONS)}")
     root = package_dir(entry.package)
     if root is None:
         raise DataError(name, f"needs the package {entry.package!r}, which is not installed. "

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
 from adapterkit.data.tables import Table
+from adapterkit.data.values import is_missing, kind, preview, text_value
 
 
-def _label_key(value: Any) -> str | None:
-    """Labels are compared as strings; 1, 1.0 and "1" are the same label."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _label_key(value: Any, table: Table, i: int, column: str) -> str | None:
+    """Labels are compared as strings; 1, 1.0 and "1" are the same label. ``None`` when missing."""
+    if hasattr(value, "item") and not isinstance(value, str) and getattr(value, "ndim", 0) == 0:
+        value = value.item()  # numpy scalars
+    if is_missing(value):
         return None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return _label_key(value.item())
+    if not isinstance(value, (str, int)):
+        raise DataError(table.source, f"expected a label (a string or a whole number) in column {column!r}, "
+                        f"found {kind(value)} {preview(value)}", where=table.where(i))
     text = str(value).strip()
     return text or None
 
@@ -43,12 +46,24 @@ def _require_columns(table: Table, wanted: dict[str, str | None]) -> None:
 
 
 def _text(value: Any, table: Table, i: int, column: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        raise DataError(table.source, f"missing value in column {column!r}", where=table.where(i))
-    text = str(value)
+    text = text_value(value, table.source, table.where(i), f"column {column!r}")
+    if text is None:
+        raise DataError(table.source, f"missing value in column {column!r}; expected a text",
+                        where=table.where(i))
     if not text.strip():
-        raise DataError(table.source, f"empty text in column {column!r}", where=table.where(i))
+        raise DataError(table.source, f"empty text in column {column!r}; expected a text, found "
+                        f"{preview(text)}", where=table.where(i))
     return text
+
+
+def _named_label(key: str, names: list[str], table: Table, i: int, column: str) -> str:
+    """The class name of integer label ``key`` of a ``datasets`` ``ClassLabel`` column."""
+    index = int(key) if key.lstrip("-").isdigit() else -1
+    if not 0 <= index < len(names):
+        raise DataError(table.source, f"expected a class index from 0 to {len(names) - 1} in column "
+                        f"{column!r} ({names}), found {key}; -1 marks an unlabelled test split",
+                        where=table.where(i))
+    return names[index]
 
 
 def classification_from_table(
@@ -78,11 +93,11 @@ def classification_from_table(
     raw_labels: list[str | None] = [None] * len(frame)
     if label_column is not None:
         for i, value in enumerate(frame[label_column].tolist()):
-            key = _label_key(value)
+            key = _label_key(value, table, i, label_column)
             if key is None:
-                raise DataError(table.source, f"missing label in column {label_column!r}",
+                raise DataError(table.source, f"missing label in column {label_column!r}; expected a label",
                                 where=table.where(i))
-            raw_labels[i] = names[int(key)] if names else key
+            raw_labels[i] = _named_label(key, names, table, i, label_column) if names else key
     vocabulary = list(labels) if labels is not None else _sort_labels(
         {label for label in raw_labels if label is not None})
     index = {label: i for i, label in enumerate(vocabulary)}
@@ -97,14 +112,14 @@ def classification_from_table(
         if label is not None and label not in index:
             raise DataError(
                 table.source,
-                f"label {label!r} was never seen in training; the known labels are {vocabulary}",
+                f"label {label!r} was never seen in training; expected one of the known labels {vocabulary}",
                 where=table.where(i),
             )
         example["label"] = None if label is None else index[label]
         examples.append(example)
     if label_column is not None and labels is None and len(vocabulary) < 2:
-        raise DataError(table.source, f"column {label_column!r} has only one label "
-                        f"({vocabulary}); classification needs at least two")
+        raise DataError(table.source, f"expected at least two labels in column {label_column!r} for "
+                        f"classification, found only {vocabulary}")
     return TaskData("classification", examples, vocabulary, table.source, columns)
 
 

@@ -11,13 +11,14 @@ which ``token_classification_from_table`` turns into examples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from adapterkit.data.errors import DataError
-from adapterkit.data.tables import DECOMPRESSORS, Table, decode_utf8, read_table
+from adapterkit.data.sources import DECOMPRESSORS, read_text, split_lines
+from adapterkit.data.tables import Table, read_table
 from adapterkit.data.tagging import split_tag
 
 # Suffixes read by ``read_table``; every other file (.txt, .conll, .tsv, .bio...)
@@ -28,12 +29,11 @@ DOCSTART = "-DOCSTART-"
 
 @dataclass
 class SentenceTable(Table):
-    """A table of sentences that remembers the file line each sentence starts on."""
-
-    lines: list[int] = field(default_factory=list)
+    """A table of sentences; ``lines`` holds the file line each sentence starts on."""
 
     def where(self, i: int) -> str:
-        if i < len(self.lines):
+        """``"sentence starting at line N"`` for sentence ``i`` (0-based)."""
+        if self.lines is not None and i < len(self.lines):
             return f"sentence starting at line {self.lines[i]}"
         return super().where(i)
 
@@ -56,7 +56,7 @@ def parse_conll(text: str, source: str) -> SentenceTable:
             sentences.append((tokens, tags))
         tokens, tags = [], []
 
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(split_lines(text), start=1):
         columns = line.split()
         if not columns:
             close()
@@ -77,21 +77,14 @@ def parse_conll(text: str, source: str) -> SentenceTable:
         tags.append(columns[-1])
     close()
     if not sentences:
-        raise DataError(source, "no tagged tokens found; expected CoNLL-style 'token tag' lines")
+        raise DataError(source, "expected CoNLL-style 'token tag' lines, found no tagged tokens")
     frame = pd.DataFrame({"tokens": [s[0] for s in sentences], "tags": [s[1] for s in sentences]})
     return SentenceTable(frame, source, lines=lines)
 
 
 def read_conll(path: str | Path) -> SentenceTable:
     """Read a CoNLL-style file (optionally .bz2/.gz/.xz compressed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), "no such file")
-    raw = path.read_bytes()
-    suffix = path.suffix.lower()
-    if suffix in DECOMPRESSORS:
-        raw = DECOMPRESSORS[suffix](raw)
-    return parse_conll(decode_utf8(raw, str(path)), str(path))
+    return parse_conll(read_text(path), str(path))
 
 
 def read_token_file(path: str | Path) -> Table:

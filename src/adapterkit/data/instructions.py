@@ -32,7 +32,9 @@ import pandas as pd
 from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
 from adapterkit.data.parallel import is_parallel_path, language_name, read_parallel
+from adapterkit.data.sources import read_text
 from adapterkit.data.tables import Table, read_table
+from adapterkit.data.values import first_missing, kind, preview, text_value
 
 TASK = "causal-lm"
 ROLES = ("system", "user", "assistant")
@@ -52,23 +54,20 @@ def final_answer_of(solution: str) -> str | None:
 
 
 def _text(value: Any, table: Table, i: int, column: str) -> str | None:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return None
-    if not isinstance(value, str):
-        raise DataError(table.source, f"column {column!r} should hold text, found {type(value).__name__}",
-                        where=table.where(i))
-    return value
+    return text_value(value, table.source, table.where(i), f"column {column!r}")
 
 
 def _chat_turns(value: Any, table: Table, i: int, column: str) -> list[dict[str, str]]:
+    if hasattr(value, "tolist") and not isinstance(value, str):  # a list cell read from Parquet
+        value = value.tolist()
     if not isinstance(value, (list, tuple)) or not value:
-        raise DataError(table.source, f"column {column!r} should hold a non-empty list of "
-                        '{"role", "content"} messages', where=table.where(i))
+        raise DataError(table.source, f"expected a non-empty list of {{\"role\", \"content\"}} messages "
+                        f"in column {column!r}, found {kind(value)} {preview(value)}", where=table.where(i))
     turns = []
-    for turn in value:
+    for k, turn in enumerate(value):
         if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
-            raise DataError(table.source, f"each message needs a role in {ROLES} and a text content; "
-                            f"found {turn!r}", where=table.where(i))
+            raise DataError(table.source, f"expected message {k + 1} to have a role in {ROLES} and a text "
+                            f"content, found {preview(turn)}", where=table.where(i))
         turns.append({"role": turn["role"], "content": turn["content"]})
     return turns
 
@@ -79,7 +78,7 @@ def _example(messages: list[dict[str, str]], response: str | None, where: str,
             "where": where}
 
 
-def _layout(columns: Sequence[str], chosen: dict[str, str | None]) -> dict[str, str | None]:
+def _layout(columns: Sequence[str], chosen: dict[str, str | None], source: str) -> dict[str, str | None]:
     """Which columns play which part, from explicit choices or the column names."""
     prompt = chosen.get("prompt_column") or chosen.get("text_column")
     response = chosen.get("response_column") or chosen.get("label_column")
@@ -96,9 +95,9 @@ def _layout(columns: Sequence[str], chosen: dict[str, str | None]) -> dict[str, 
     if prompt is None and "text" in columns:
         prompt = "text"
     if prompt is None:
-        raise KeyError(f"cannot tell the prompt column among {list(columns)}; expected messages, "
-                       "instruction/input/output, question/answer, prompt/response or text, or name "
-                       "them with prompt_column=... and response_column=...")
+        raise DataError(source, "expected the columns messages, instruction/input/output, "
+                        f"question/answer, prompt/response or text, found {list(columns)}; name them "
+                        "with prompt_column=... and response_column=...")
     return {"prompt": prompt, "response": response}
 
 
@@ -115,7 +114,7 @@ def instructions_from_table(table: Table, labels: Sequence[str] | None = None,
             put before every prompt).
     """
     frame = table.frame
-    layout = _layout([str(c) for c in frame.columns], columns)
+    layout = _layout([str(c) for c in frame.columns], columns, table.source)
     missing = [c for c in layout.values() if c is not None and c not in frame.columns]
     if columns.get("answer_column"):
         missing += [c for c in [columns["answer_column"]] if c not in frame.columns]
@@ -133,16 +132,22 @@ def instructions_from_table(table: Table, labels: Sequence[str] | None = None,
         else:
             key = "instruction" if "instruction" in layout else "prompt"
             text = _text(row[layout[key]], table, i, layout[key])
-            if not text:
-                raise DataError(table.source, f"empty prompt in column {layout[key]!r}", where=where)
+            if not text or not text.strip():
+                raise DataError(table.source, f"expected a prompt in column {layout[key]!r}, found "
+                                f"{'nothing' if text is None else 'only whitespace'}", where=where)
             extra = _text(row[layout["input"]], table, i, layout["input"]) if layout.get("input") else None
             prompt = [{"role": "user", "content": f"{text}\n\n{extra}" if extra else text}]
             response = _text(row[layout["response"]], table, i, layout["response"]) if layout["response"] else None
+            response = response if response and response.strip() else None
         if system and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system}, *prompt]
         answer = columns.get("answer_column") and _text(row[columns["answer_column"]], table, i, "answer")
         answer = answer or (final_answer_of(response) if response else None)
         examples.append(_example(prompt, response, where, answer=answer))
+    gap = None if "messages" in layout else first_missing([e["response"] for e in examples])
+    if gap is not None:
+        raise DataError(table.source, "expected a response, as other rows have, found none; fill it in "
+                        "or drop the row", where=examples[gap]["where"])
     chosen = {k: v for k, v in columns.items() if v is not None}
     return TaskData(TASK, examples, None, table.source, chosen)
 
@@ -201,7 +206,17 @@ def read_chatterbot(folder: Path) -> Table:
 
     rows = []
     for file in sorted(Path(folder).glob("*.yml")):
-        conversations = yaml.safe_load(file.read_text(encoding="utf-8")).get("conversations") or []
+        text = read_text(file)
+        try:
+            content = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            raise DataError(str(file), f"expected YAML, found text the YAML parser rejects: "
+                            f"{getattr(err, 'problem', None) or err}",
+                            where=f"line {mark.line + 1}" if mark else None) from None
+        if not isinstance(content, dict):
+            raise DataError(str(file), f"expected a YAML mapping with a 'conversations' list, found {kind(content)}")
+        conversations = content.get("conversations") or []
         for number, conversation in enumerate(conversations, start=1):
             if not isinstance(conversation, list):
                 continue

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adapterkit.data.errors import DataError
+from adapterkit.data.sources import read_text, require_file, split_lines
 
 # Language codes whose names go into translation prompts; other codes are used as they are.
 LANGUAGES = {
@@ -68,24 +69,23 @@ def is_parallel_path(path: str | os.PathLike) -> bool:
 
 
 def _lines(path: Path) -> list[str]:
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise DataError(str(path), f"bytes {raw[err.start:err.start + 4]!r} are not valid UTF-8",
-                        where=f"line {line}") from None
-    return text.removeprefix("\ufeff").splitlines()
+    """The lines of ``path``, without the blank lines at its end."""
+    lines = split_lines(read_text(path))
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return lines
 
 
 def read_parallel(path: str | os.PathLike, target_language: str | None = None) -> ParallelText:
     """Read ``path`` (the source side) and its sibling in ``target_language``.
 
     Without ``target_language`` the sibling must be the only one. Lines pair up
-    by position; both files must have the same number of lines, and a pair
-    whose two sides are both blank is skipped.
+    by position (a line ends at ``\n``, ``\r\n`` or ``\r``, nowhere else);
+    both files must have the same number of lines, not counting blank lines
+    at the end. A pair whose two sides are both blank is skipped; a pair with
+    one blank side is an error, as it is almost always a misalignment.
     """
-    path = Path(path)
+    path = require_file(path)
     siblings = _siblings(path)
     if target_language is not None:
         siblings = [p for p in siblings if p.suffix == f".{target_language}"]
@@ -98,7 +98,13 @@ def read_parallel(path: str | os.PathLike, target_language: str | None = None) -
     if len(sources) != len(targets):
         raise DataError(str(path), f"{len(sources)} lines, but {target.name} has {len(targets)}; "
                         "parallel files must align line by line")
-    kept = [i for i, (s, t) in enumerate(zip(sources, targets)) if s.strip() or t.strip()]
+    for i, (text, other) in enumerate(zip(sources, targets)):
+        if bool(text.strip()) != bool(other.strip()):
+            blank, full = (path.name, target.name) if not text.strip() else (target.name, path.name)
+            raise DataError(f"{path} + {target.name}", f"expected both sides of a pair to hold text, found "
+                            f"a blank line in {blank} beside text in {full}; parallel files must align "
+                            "line by line", where=f"line {i + 1}")
+    kept = [i for i, (s, t) in enumerate(zip(sources, targets)) if s.strip()]
     return ParallelText(
         sources=[sources[i].strip() for i in kept],
         targets=[targets[i].strip() for i in kept],

@@ -11,12 +11,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import pandas as pd
-
 from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
 from adapterkit.data.parallel import is_parallel_path, read_parallel
 from adapterkit.data.tables import Table, read_table
+from adapterkit.data.values import first_missing, is_missing, kind, preview
 
 TASK = "seq2seq"
 # (source, target) column pairs tried in order when none are named.
@@ -24,30 +23,45 @@ COLUMN_LAYOUTS = (("source", "target"), ("src", "tgt"), ("input", "output"), ("d
                   ("text", "summary"), ("en", "de"))
 
 
-def _pick_columns(columns: list[str], chosen: dict[str, Any]) -> tuple[str, str | None]:
-    source = chosen.get("source_column") or chosen.get("text_column")
+def _pick_columns(columns: list[str], chosen: dict[str, Any], source: str) -> tuple[str, str | None]:
+    text = chosen.get("source_column") or chosen.get("text_column")
     target = chosen.get("target_column") or chosen.get("label_column")
-    if source is None:
+    if text is None:
         for first, second in COLUMN_LAYOUTS:
             if first in columns and second in columns:
                 return first, target or second
         if "source" in columns or "text" in columns:
             return ("source" if "source" in columns else "text"), target
-        raise KeyError(f"cannot tell the source column among {columns}; name it with "
-                       "source_column=... (and target_column=...)")
-    return source, target
+        raise DataError(source, f"expected a source column ({', '.join(p[0] for p in COLUMN_LAYOUTS)}), "
+                        f"found the columns {columns}; name it with source_column=... (and "
+                        "target_column=...)")
+    return text, target
+
+
+def _target(value: Any, source: str, where: str) -> str | None:
+    """A target as text (numbers are written out); ``None`` when missing or blank."""
+    if is_missing(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(source, f"expected a target text, found {kind(value)} {preview(value)}", where=where)
+    text = str(value)
+    return text if text.strip() else None
 
 
 def _examples(sources: Sequence[Any], targets: Sequence[Any] | None, where: Sequence[str],
               source: str, prefix: str) -> list[dict[str, Any]]:
+    """Checked examples; targets are all given, or all missing (unlabelled data), never a mix."""
     examples = []
     for i, text in enumerate(sources):
         if not isinstance(text, str) or not text.strip():
-            raise DataError(source, "empty or non-text source", where=where[i])
-        target = targets[i] if targets is not None else None
-        if target is not None and not isinstance(target, str):
-            target = None if pd.isna(target) else str(target)
+            raise DataError(source, f"expected a non-empty source text, found {kind(text)} {preview(text)}",
+                            where=where[i])
+        target = _target(targets[i], source, where[i]) if targets is not None else None
         examples.append({"source": prefix + text, "target": target, "where": where[i]})
+    gap = first_missing([e["target"] for e in examples])
+    if gap is not None:
+        raise DataError(source, "expected a target text, as other rows have, found none; fill it in "
+                        "or drop the row", where=where[gap])
     return examples
 
 
@@ -63,7 +77,7 @@ def seq2seq_from_table(table: Table, labels: Sequence[str] | None = None, **colu
             ``"translate English to German: "``).
     """
     names = [str(c) for c in table.frame.columns]
-    source_column, target_column = _pick_columns(names, columns)
+    source_column, target_column = _pick_columns(names, columns, table.source)
     missing = [c for c in (source_column, target_column) if c is not None and c not in names]
     if missing:
         raise DataError(table.source, f"missing column(s) {missing}; the columns found are {names}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
 
 SPLIT_SEED = 20240607  # fixed forever: changing it changes every reported number
@@ -47,6 +48,7 @@ def holdout(data: TaskData, fraction: float = HOLDOUT_FRACTION, seed: int = SPLI
         strata = None
     parts = split_indices(strata, len(data), {"train": 1.0 - fraction, "validation": fraction}, seed)
     if not parts["validation"] or not parts["train"]:
-        raise ValueError(f"{data.source}: {len(data)} examples are too few to hold out a validation split")
+        raise DataError(data.source, f"expected enough examples to hold out a {fraction:.0%} validation "
+                        f"split, found only {len(data)}; give a validation file instead")
     return (data.subset(parts["train"], f"{data.source}[train {1 - fraction:.0%}]"),
             data.subset(parts["validation"], f"{data.source}[validation {fraction:.0%}]"))

@@ -1,32 +1,35 @@
 """Read tabular files (CSV, TSV, JSON, JSONL, Parquet) into a ``Table``.
 
 A ``Table`` is a pandas frame plus how to name a row of it in an error
-message ("line 7" for line-based files, "record 3" otherwise). Text formats are
-decoded strictly as UTF-8 so a bad byte is reported with its line and offset
-instead of turning silently into replacement characters.
+message: "line 7" for line-based files (the physical line the row starts on,
+counting the header and any line breaks inside quoted fields), "record 3"
+otherwise. Text formats are decoded strictly as UTF-8 so a bad byte is
+reported with its line and offset instead of turning silently into
+replacement characters. Every way a file can fail to parse is a ``DataError``
+naming the file.
 """
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import io
-import json
-import lzma
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
+from adapterkit.data.delimited import parse_delimited
 from adapterkit.data.errors import DataError
+from adapterkit.data.jsontext import check_objects, parse_json, parse_jsonl
+from adapterkit.data.sources import DECOMPRESSORS, decode_utf8, read_bytes, require_file
 
-# Compression suffixes we undo before parsing, and how.
-DECOMPRESSORS: dict[str, Callable[[bytes], bytes]] = {
-    ".bz2": bz2.decompress,
-    ".gz": gzip.decompress,
-    ".xz": lzma.decompress,
-}
+__all__ = ["DECOMPRESSORS", "SUPPORTED_SUFFIXES", "Table", "decode_utf8", "read_table", "table_from_object"]
+
+# Columns pandas adds to a Parquet file to store a non-default index.
+_INDEX_COLUMN = re.compile(r"__index_level_\d+__")
 
 
 @dataclass
@@ -35,106 +38,53 @@ class Table:
 
     frame: pd.DataFrame
     source: str
-    first_line: int | None = None  # file line of row 0, for line-based formats
+    first_line: int | None = None  # file line of row 0, when rows sit one per line
     # Integer columns whose values have names (a datasets ``ClassLabel``).
     value_names: dict[str, list[str]] = field(default_factory=dict)
+    # The file line each row starts on, for line-based formats (wins over ``first_line``).
+    lines: list[int] | None = None
 
     def where(self, i: int) -> str:
         """A human position for row ``i``: a file line or a 1-based record number."""
+        if self.lines is not None and i < len(self.lines):
+            return f"line {self.lines[i]}"
         if self.first_line is not None:
             return f"line {self.first_line + i}"
         return f"record {i + 1}"
 
 
-def decode_utf8(raw: bytes, source: str) -> str:
-    """Strict UTF-8 decoding; a bad byte is a ``DataError`` with its line and offset."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        bad = raw[err.start : err.start + 4]
-        raise DataError(
-            source,
-            f"bytes {bad!r} at byte offset {err.start} are not valid UTF-8; "
-            "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
-            where=f"line {line}",
-        ) from None
-    if text.startswith("\ufeff"):  # a byte-order mark is not part of the header
-        text = text[1:]
-    if not text.strip():
-        raise DataError(source, "the file is empty")
-    return text
-
-
 _decode_utf8 = decode_utf8  # the earlier private name, still imported elsewhere
 
 
-def _read_delimited(text: str, source: str, sep: str) -> Table:
-    # Everything as strings, and no "NA"/"null" magic: a review that says
-    # "NA" is text, not a missing value.
-    frame = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False,
-                        quoting=3 if sep == "\t" else 0)
-    return Table(frame, source, first_line=2)
-
-
 def _read_csv(text: str, source: str) -> Table:
-    return _read_delimited(text, source, ",")
+    frame, lines = parse_delimited(text, source, "csv")
+    return Table(frame, source, lines=lines)
 
 
 def _read_tsv(text: str, source: str) -> Table:
-    return _read_delimited(text, source, "\t")
-
-
-def _records_frame(records: list[Any], source: str, where: Callable[[int], str]) -> pd.DataFrame:
-    for i, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise DataError(source, f"expected a JSON object, found {type(record).__name__}",
-                            where=where(i))
-    return pd.DataFrame.from_records(records)
+    frame, lines = parse_delimited(text, source, "tsv")
+    return Table(frame, source, lines=lines)
 
 
 def _read_json(text: str, source: str) -> Table:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(source, f"invalid JSON: {err.msg}", where=f"line {err.lineno}") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(data) == 1 and lists:
-            data = lists[0]  # {"data": [...]}-style wrapper
-        elif data and all(isinstance(v, list) for v in data.values()):
-            return Table(pd.DataFrame(data), source)  # column-oriented
-    if not isinstance(data, list):
-        raise DataError(source, "expected a JSON list of objects (or JSON Lines in a .jsonl file)")
-    table = Table(pd.DataFrame(), source)
-    table.frame = _records_frame(data, source, table.where)
-    return table
+    return Table(pd.DataFrame(parse_json(text, source)), source)
 
 
 def _read_jsonl(text: str, source: str) -> Table:
-    records = []
-    lines = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise DataError(source, f"invalid JSON: {err.msg}", where=f"line {lineno}") from None
-        lines.append(lineno)
-    frame = _records_frame(records, source, lambda i: f"line {lines[i]}")
-    # Blank lines are rare; when there are none, row i sits on line i + 1.
-    return Table(frame, source, first_line=1 if lines == list(range(1, len(lines) + 1)) else None)
+    records, lines = parse_jsonl(text, source)
+    return Table(pd.DataFrame(records), source, lines=lines)
 
 
-def _read_parquet(path: Path) -> Table:
-    if path.stat().st_size == 0:
-        raise DataError(str(path), "the file is empty")
+def _read_parquet(raw: bytes, source: str) -> Table:
+    if not raw:
+        raise DataError(source, "expected a Parquet file, found an empty file")
     try:
-        frame = pd.read_parquet(path)
-    except Exception as err:  # pyarrow raises several unrelated types
-        raise DataError(str(path), f"cannot read Parquet: {err}") from None
-    return Table(frame, str(path))
+        # Without pandas' metadata: a damaged copy of it must not stop the read.
+        frame = pq.read_table(io.BytesIO(raw)).to_pandas(ignore_metadata=True)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(source, f"expected a Parquet file, found data pyarrow cannot read: {err}") from None
+    index = [c for c in frame.columns if _INDEX_COLUMN.fullmatch(str(c))]
+    return Table(frame.drop(columns=index), source)
 
 
 # File suffix -> parser of the decoded text.
@@ -145,30 +95,38 @@ TEXT_READERS: dict[str, Callable[[str, str], Table]] = {
     ".jsonl": _read_jsonl,
     ".ndjson": _read_jsonl,
 }
-SUPPORTED_SUFFIXES = sorted([*TEXT_READERS, ".parquet", ".pq"])
+PARQUET_SUFFIXES = (".parquet", ".pq")
+SUPPORTED_SUFFIXES = sorted([*TEXT_READERS, *PARQUET_SUFFIXES])
+
+
+def table_format(path: str | Path) -> str:
+    """The format suffix of ``path`` (``".csv"`` for ``data.csv.gz``), lower case; ``""`` if none."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in DECOMPRESSORS:
+        suffixes = suffixes[:-1]
+    return suffixes[-1] if suffixes else ""
 
 
 def read_table(path: str | Path) -> Table:
-    """Read a CSV/TSV/JSON/JSONL/Parquet file (optionally .bz2/.gz/.xz compressed)."""
-    path = Path(path)
+    """Read a CSV/TSV/JSON/JSONL/Parquet file (optionally .bz2/.gz/.xz compressed).
+
+    Raises:
+        DataError: the file is missing, of an unknown type, unreadable in its
+            format, or without data rows; the message names the file and,
+            where there is one, the line or record.
+    """
+    path = require_file(path)
     source = str(path)
-    if not path.is_file():
-        raise DataError(source, "no such file")
-    suffixes = [s.lower() for s in path.suffixes]
-    compression = suffixes[-1] if suffixes and suffixes[-1] in DECOMPRESSORS else None
-    fmt = suffixes[-2] if compression and len(suffixes) > 1 else (suffixes[-1] if suffixes else "")
-    if fmt in (".parquet", ".pq") and compression is None:
-        table = _read_parquet(path)
+    fmt = table_format(path)
+    if fmt in PARQUET_SUFFIXES:
+        table = _read_parquet(read_bytes(path), source)
     elif fmt in TEXT_READERS:
-        raw = path.read_bytes()
-        if compression:
-            raw = DECOMPRESSORS[compression](raw)
-        table = TEXT_READERS[fmt](decode_utf8(raw, source), source)
+        table = TEXT_READERS[fmt](decode_utf8(read_bytes(path), source), source)
     else:
-        raise DataError(source, f"unknown file type {fmt or '(no suffix)'!r}; "
-                        f"expected one of {', '.join(SUPPORTED_SUFFIXES)}")
+        raise DataError(source, f"unknown file type {fmt or '(no suffix)'!r}; expected one of "
+                        f"{', '.join(SUPPORTED_SUFFIXES)}, optionally compressed (+ .bz2/.gz/.xz)")
     if len(table.frame) == 0:
-        raise DataError(source, "the file has no data rows")
+        raise DataError(source, "the file has no data rows; expected at least one record after the header")
     return table
 
 
@@ -177,9 +135,8 @@ def table_from_object(data: Any) -> Table:
     if isinstance(data, pd.DataFrame):
         return Table(data.reset_index(drop=True), "<DataFrame>")
     if isinstance(data, list):
-        table = Table(pd.DataFrame(), "<list>")
-        table.frame = _records_frame(data, "<list>", table.where)
-        return table
+        where = [f"record {i + 1}" for i in range(len(data))]
+        return Table(pd.DataFrame(check_objects(data, "<list>", where)), "<list>")
     if type(data).__module__.startswith("datasets") and hasattr(data, "to_pandas"):
         names = {
             column: list(feature.names)

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
+from adapterkit.errors import UserError
+
 Scheme = Literal["IOB1", "IOB2", "BIOES"]
 SCHEMES: tuple[Scheme, ...] = ("IOB1", "IOB2", "BIOES")
 # Other names people use for the same schemes.
@@ -24,6 +26,10 @@ SCHEME_ALIASES: dict[str, Scheme] = {"BIO": "IOB2", "IOBES": "BIOES", "BILOU": "
 # The prefixes each scheme may use (``O`` is always allowed).
 SCHEME_PREFIXES: dict[str, tuple[str, ...]] = {"IOB1": ("B", "I"), "IOB2": ("B", "I"), "BIOES": ("B", "I", "E", "S")}
 PREFIXES = frozenset("BIES")
+
+
+class TagError(UserError, ValueError):
+    """A tag or tag scheme name that is not one adapterkit reads (the user's to fix)."""
 
 
 class Span(NamedTuple):
@@ -35,12 +41,12 @@ class Span(NamedTuple):
 
 
 def scheme_name(name: str) -> Scheme:
-    """The canonical name of a scheme (``"bio"`` -> ``"IOB2"``); raises ``ValueError`` if unknown."""
+    """The canonical name of a scheme (``"bio"`` -> ``"IOB2"``); raises ``TagError`` if unknown."""
     upper = name.upper()
     upper = SCHEME_ALIASES.get(upper, upper)
     if upper not in SCHEMES:
-        raise ValueError(f"unknown tag scheme {name!r}; expected one of {list(SCHEMES)} "
-                         f"(or {sorted(SCHEME_ALIASES)})")
+        raise TagError(f"unknown tag scheme {name!r}; expected one of {list(SCHEMES)} "
+                       f"(or {sorted(SCHEME_ALIASES)})")
     return upper  # type: ignore[return-value]
 
 
@@ -48,14 +54,14 @@ def split_tag(tag: str) -> tuple[str, str]:
     """``"B-PER"`` -> ``("B", "PER")``, ``"O"`` -> ``("O", "")``.
 
     Raises:
-        ValueError: the tag is neither ``O`` nor ``B-/I-/E-/S-TYPE``.
+        TagError: the tag is neither ``O`` nor ``B-/I-/E-/S-TYPE`` (a ``ValueError``).
     """
     if tag == "O":
         return "O", ""
     if len(tag) > 2 and tag[0] in PREFIXES and tag[1] == "-":
         return tag[0], tag[2:]
-    raise ValueError(f"tag {tag!r} is neither 'O' nor PREFIX-TYPE with a prefix B, I, E or S "
-                     "(e.g. 'B-PER')")
+    raise TagError(f"tag {tag!r} is neither 'O' nor PREFIX-TYPE with a prefix B, I, E or S "
+                   "(e.g. 'B-PER')")
 
 
 def entity_spans(tags: Sequence[str]) -> list[Span]:

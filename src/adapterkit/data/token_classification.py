@@ -30,6 +30,7 @@ from adapterkit.data.tagging import (
     split_tag,
     starts_with_inside,
 )
+from adapterkit.data.values import is_missing, kind, preview
 
 TASK = "token-classification"
 # Words for raw text: a word (letters/digits, with inner - ' . and an optional
@@ -43,9 +44,16 @@ def _sequence(value: Any, table: Table, i: int, column: str) -> list[str]:
         return value.split()
     if hasattr(value, "tolist"):
         value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        raise DataError(table.source, f"column {column!r} should hold a list, found {type(value).__name__}",
+    if is_missing(value):
+        raise DataError(table.source, f"missing value in column {column!r}; expected a list",
                         where=table.where(i))
+    if not isinstance(value, (list, tuple)):
+        raise DataError(table.source, f"expected a list in column {column!r}, found {kind(value)} "
+                        f"{preview(value)}", where=table.where(i))
+    for j, item in enumerate(value):
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            raise DataError(table.source, f"expected a string for item {j + 1} of column {column!r}, "
+                            f"found {kind(item)} {preview(item)}", where=table.where(i))
     return [str(v) for v in value]
 
 
@@ -63,6 +71,14 @@ def _check_scheme(all_tags: list[list[str]], declared: Scheme, table: Table) -> 
             raise DataError(table.source, f"tag {tags[j]!r} (word {j + 1}) begins an entity, which IOB2 "
                             "does not allow; the data looks like IOB1: pass scheme='IOB1' or 'auto'",
                             where=table.where(i))
+
+
+def _scheme(name: str, table: Table) -> Scheme:
+    """``scheme_name(name)``, its error reported as a ``DataError`` on ``table``."""
+    try:
+        return scheme_name(name)
+    except ValueError as err:
+        raise DataError(table.source, str(err)) from None
 
 
 def token_classification_from_table(
@@ -90,8 +106,8 @@ def token_classification_from_table(
     """
     for role, column in {"tokens_column": tokens_column, "tags_column": tags_column}.items():
         if column is not None and column not in table.frame.columns:
-            raise DataError(table.source, f"no {role} column {column!r}; the columns found are "
-                            f"{[str(c) for c in table.frame.columns]}")
+            raise DataError(table.source, f"no {role.removesuffix('_column')} column {column!r}; the "
+                            f"columns found are {[str(c) for c in table.frame.columns]}")
     columns = {"tokens_column": tokens_column, "tags_column": tags_column}
     all_tokens = [_sequence(v, table, i, tokens_column) for i, v in enumerate(table.frame[tokens_column])]
     if tags_column is None:
@@ -100,22 +116,25 @@ def token_classification_from_table(
     all_tags = [_sequence(v, table, i, tags_column) for i, v in enumerate(table.frame[tags_column])]
     for i, (tokens, tags) in enumerate(zip(all_tokens, all_tags)):
         if not tokens:
-            raise DataError(table.source, "a sentence without words", where=table.where(i))
+            raise DataError(table.source, "expected a sentence of at least one word, found none",
+                            where=table.where(i))
         if len(tokens) != len(tags):
-            raise DataError(table.source, f"{len(tokens)} words but {len(tags)} tags", where=table.where(i))
+            raise DataError(table.source, f"expected one tag per word, found {len(tokens)} words but "
+                            f"{len(tags)} tags", where=table.where(i))
         for j, tag in enumerate(tags):
             try:
                 split_tag(tag)
             except ValueError as err:
                 raise DataError(table.source, f"word {j + 1} ({tokens[j]!r}): {err}", where=table.where(i)) from None
-    declared = detect_scheme(all_tags) if scheme == "auto" else scheme_name(scheme)
+    declared = detect_scheme(all_tags) if scheme == "auto" else _scheme(scheme, table)
     _check_scheme(all_tags, declared, table)
     if labels is not None:
         target = labels_scheme(labels)
     else:
-        target = scheme_name(target_scheme) if target_scheme else ("BIOES" if declared == "BIOES" else "IOB2")
+        target = _scheme(target_scheme, table) if target_scheme else ("BIOES" if declared == "BIOES" else "IOB2")
         if target == "IOB1":
-            raise ValueError("target_scheme must be 'IOB2' or 'BIOES'; IOB1 is only read, never trained on")
+            raise DataError(table.source, "expected target_scheme 'IOB2' or 'BIOES', found 'IOB1', which "
+                            "is only read, never trained on")
     converted = [convert_tags(tags, target) for tags in all_tags]
     vocabulary = list(labels) if labels is not None else \
         scheme_labels({split_tag(t)[1] for tags in converted for t in tags if t != "O"}, target)
