@@ -22,3 +22,22 @@ class RunFolderError(UserError, FileExistsError):
 
 class ResumeError(UserError, ValueError):
     """A ``--resume`` that cannot continue the run in the folder as asked."""
+
+
+class UsageError(UserError, ValueError):
+    """Options that do not go together, or a value no option accepts."""
+
+
+class UnknownNameError(UserError, KeyError):
+    """A name (adapter, method, task, metric) that is not among the known ones."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class WrongTypeError(UserError, TypeError):
+    """A value of a type the function or option does not take."""
+
+
+class UnsupportedError(UserError, NotImplementedError):
+    """A request adapterkit understands but cannot do for this method, task or model."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch.nn as nn
 
@@ -14,15 +16,27 @@ def _wrapped(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.method == "lora"]
 
 
-def test_defaults_come_from_the_architecture_table() -> None:
-    model, _ = build_tiny("bert")
+# LoRA with no targets: every attention projection and FFN layer of each block
+# (N stands for the block number), and nothing else: no pooler, no head.
+DEFAULT_LORA_PATHS = {
+    "bert": {f"bert.encoder.layer.N.{leaf}" for leaf in (
+        "attention.self.query", "attention.self.key", "attention.self.value",
+        "attention.output.dense", "intermediate.dense", "output.dense")},
+    "gpt2": {f"transformer.h.N.{leaf}" for leaf in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")},
+    "llama": {f"model.layers.N.{leaf}" for leaf in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(DEFAULT_LORA_PATHS))
+def test_defaults_come_from_the_architecture_table(arch: str) -> None:
+    model, _ = build_tiny(arch)
     ak.add_adapter(model, "a", ak.LoraConfig())
-    assert _wrapped(model) == [
-        f"bert.encoder.layer.{i}.attention.self.{p}" for i in range(2) for p in ("query", "value")
-    ]
-    model, _ = build_tiny("llama")
-    ak.add_adapter(model, "a", ak.LoraConfig())
-    assert {n.rsplit(".", 1)[1] for n in _wrapped(model)} == {"q_proj", "v_proj"}
+    wrapped = _wrapped(model)
+    assert {re.sub(r"\.\d+\.", ".N.", p) for p in wrapped} == DEFAULT_LORA_PATHS[arch]
+    blocks = {re.search(r"\.(\d+)\.", p).group(1) for p in wrapped}
+    assert len(wrapped) == len(blocks) * len(DEFAULT_LORA_PATHS[arch]) and len(blocks) >= 2
 
 
 def test_suffix_list_and_regex() -> None:

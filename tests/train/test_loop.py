@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from safetensors.torch import load_file
 from adapterkit.core import head_parameters
 from adapterkit.data import load_data
 from adapterkit.evaluate import evaluate
+from adapterkit.tasks import get_task
 from adapterkit.train import TrainConfig, train
 from adapterkit.train.optim import build_optimizer
 from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentiment
@@ -112,7 +114,9 @@ def test_run_folder_contents(folder, toy, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert TrainConfig.from_dict(yaml.safe_load((run / "train_config.yaml").read_text())) == config
+    # The file records the run as it ran: the task's default length filled in.
+    saved = TrainConfig.from_dict(yaml.safe_load((run / "train_config.yaml").read_text()))
+    assert saved == dataclasses.replace(config, max_length=get_task("classification").default_max_length)
     # the model ends with the best checkpoint's weights, which is also on disk
     best = load_file(str(run / "checkpoints" / "best" / "trainable.safetensors"))
     assert all(torch.equal(best[n], p) for n, p in _trainable(model).items())

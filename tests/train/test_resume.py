@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapterkit.data import load_data
+from adapterkit.errors import ResumeError
 from adapterkit.train import NonFiniteLossError, TrainConfig, train
 from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentiment
 
@@ -92,10 +93,10 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(setup, tmp_path):
     train(model, tokenizer, train_data, eval_data,
           TrainConfig(output_dir=str(tmp_path / "run"), **{**SETTINGS, "epochs": 1}))
     model, tokenizer = tiny_lora_classifier(folder, train_data.labels)
-    with pytest.raises(ValueError, match="batch_size: checkpoint 8 vs now 4"):
+    with pytest.raises(ResumeError, match=r"train\.batch_size: 8 -> 4\. Resume with"):
         train(model, tokenizer, train_data, eval_data,
               TrainConfig(output_dir=str(tmp_path / "run"), resume=True, **{**SETTINGS, "epochs": 1, "batch_size": 4}))
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ResumeError, match="holds no training run to continue"):
         train(model, tokenizer, train_data, eval_data,
               TrainConfig(output_dir=str(tmp_path / "empty"), resume=True, **SETTINGS))
 

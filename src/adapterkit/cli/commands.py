@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 from typing import Literal
 
+from adapterkit.core.registry import method_choices
 from adapterkit.data import read_texts
+from adapterkit.errors import UsageError
 from adapterkit.evaluate import evaluate as evaluate_model
 from adapterkit.evaluate import format_adapter_info, format_metrics
 from adapterkit.evaluate import predict as predict_texts
@@ -20,7 +22,8 @@ from adapterkit.evaluate.base_model import evaluate_base_model
 from adapterkit.models import adapter_info, load_with_adapter
 from adapterkit.tasks import get_task
 
-Method = Literal["lora", "bottleneck", "ia3", "prefix", "prompt", "bitfit"]
+# The methods a user can name: whatever the registry holds, by its shortest name.
+Method = Literal[tuple(method_choices())]  # type: ignore[valid-type]
 
 
 def train(
@@ -43,6 +46,7 @@ def train(
     output: str | None = None,
     seed: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     json: bool = False,
 ) -> int:
     """Train an adapter (default: LoRA on minilm with rotten_tomatoes) and test it.
@@ -67,7 +71,8 @@ def train(
         packing: causal-lm: pack short examples into rows of --max-length tokens (no attention across them).
         output: run folder (default runs/<date-time>); the adapter lands in OUTPUT/adapter.
         seed: random seed.
-        resume: continue the interrupted run in --output from its last checkpoint.
+        resume: continue the interrupted run in --output from its last checkpoint (same settings).
+        overwrite: replace the run already in --output (kept until the new run's first checkpoint).
         json: print the result as JSON.
     """
     from adapterkit.train.recipe import RunConfig, run
@@ -76,7 +81,8 @@ def train(
         config, model=model, task=task, data=data, eval_data=eval_data, test_data=test_data,
         text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        max_length=max_length, packing=packing or None, output=output, seed=seed, resume=resume or None)
+        max_length=max_length, packing=packing or None, output=output, seed=seed, resume=resume or None,
+        overwrite=overwrite or None)
     result = run(run_config)
     summary = {
         "output": result.output_dir, "adapter": result.adapter_dir,
@@ -134,7 +140,7 @@ def evaluate(
     chosen = {k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}
     if adapter is None:
         if model is None:
-            raise ValueError("give --adapter DIR/adapter, or --model NAME (and --task) to evaluate a base model")
+            raise UsageError("give --adapter DIR/adapter, or --model NAME (and --task) to evaluate a base model")
         metrics = evaluate_base_model(model, task or "classification", data, split=split,
                                       batch_size=batch_size, max_length=max_length, **chosen)
         print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
@@ -177,7 +183,7 @@ def predict(
         inputs += read_texts(file, text_column=column)
     if question is not None or context is not None:
         if not (question and context):
-            raise ValueError("--question and --context go together: give both")
+            raise UsageError("--question and --context go together: give both")
         inputs.append((question, context))
     if not inputs and file is None:
         inputs = [line.rstrip("\n") for line in sys.stdin if line.strip()]

@@ -9,6 +9,7 @@ from typing import Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapterkit.errors import UsageError
 from adapterkit.evaluate.generation import ChatSession, generate_text
 from adapterkit.models import load_model, load_with_adapter
 from adapterkit.tasks.generation import GenerationOptions
@@ -22,7 +23,7 @@ def _load(adapter: Path | None, model: str | None, task: str) -> tuple[PreTraine
         loaded, tokenizer, _ = load_with_adapter(adapter)
         return loaded, tokenizer
     if model is None:
-        raise ValueError("give --adapter DIR/adapter, or --model NAME for the base model alone")
+        raise UsageError("give --adapter DIR/adapter, or --model NAME for the base model alone")
     loaded, tokenizer = load_model(model, task=task)
     return loaded.eval(), tokenizer
 

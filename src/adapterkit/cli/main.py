@@ -17,15 +17,25 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "chat": generation.chat,
 }
 
-# Errors that are the user's to fix: print the message, not a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError,
-                                                NotImplementedError, FloatingPointError)
+def _quiet_broken_pipe() -> None:
+    """Output piped into a reader that stopped (``| head``): exit quietly, as Unix tools do."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush at exit must not fail again
+    except OSError:
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``adapterkit`` command; returns the process exit status."""
+    """Run one ``adapterkit`` command; returns the process exit status.
+
+    Errors that are the user's to fix (:class:`adapterkit.errors.UserError`)
+    print one message and exit with status 2; ``--debug`` shows their
+    traceback too. Anything else is an internal error and keeps its traceback.
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adapterkit never downloads
     from adapterkit.cli.parser import build_parser, call
+    from adapterkit.errors import UserError
 
     parser = build_parser("adapterkit", "Adapter fine-tuning of pretrained transformers.", COMMANDS)
     args = parser.parse_args(argv)
@@ -34,9 +44,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("adapterkit: interrupted; continue a training run with --resume --output RUN", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"adapterkit {args.command}: error: {message}", file=sys.stderr)
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return 0
+    except UserError as err:
+        if getattr(args, "_debug", False):
+            raise
+        print(f"adapterkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -81,11 +81,13 @@ def build_parser(prog: str, description: str, commands: dict[str, Callable[..., 
         for name, param in inspect.signature(fn).parameters.items():
             flags, kwargs = _argument(name, param, hints.get(name, str), helps.get(name, ""))
             cmd.add_argument(*flags, **kwargs)
+        cmd.add_argument("--debug", action="store_true", dest="_debug",
+                         help="show the traceback of an error, not only its message")
         cmd.set_defaults(_function=fn)
     return parser
 
 
 def call(args: argparse.Namespace) -> int:
     """Call the chosen command function with the parsed values."""
-    values = {k: v for k, v in vars(args).items() if k not in ("command", "_function")}
+    values = {k: v for k, v in vars(args).items() if k not in ("command", "_function", "_debug")}
     return int(args._function(**values) or 0)

@@ -18,7 +18,13 @@ from adapterkit.core.lifecycle import (
     unload,
     unmerge,
 )
-from adapterkit.core.registry import Method, get_config_class, get_method, register, registered_methods
+from adapterkit.core.registry import (
+    Method,
+    get_config_class,
+    get_method,
+    register,
+    registered_methods,
+)
 from adapterkit.core.serialization import (
     AdapterFileError,
     BaseModelMismatchError,

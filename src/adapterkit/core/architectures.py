@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch.nn as nn
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Module roles of one architecture family, plus the LoRA default targets."""
+    """Module roles of one architecture family, and the names of its task heads."""
 
     roles: dict[str, str]
-    lora_targets: tuple[str, ...]
     heads: tuple[str, ...] = ("classifier", "score", "qa_outputs", "pre_classifier",
                               "classification_head")
     extra: dict[str, str] = field(default_factory=dict)
@@ -41,7 +41,6 @@ _BERT = ArchSpec(
         "ffn_out": r"layer\.\d+\.output\.dense",
         "embeddings": r"embeddings\.word_embeddings",
     },
-    lora_targets=("query", "value"),
 )
 
 _DISTILBERT = ArchSpec(
@@ -54,7 +53,6 @@ _DISTILBERT = ArchSpec(
         "ffn_out": r"ffn\.lin2",
         "embeddings": r"embeddings\.word_embeddings",
     },
-    lora_targets=("q_lin", "v_lin"),
 )
 
 _GPT2 = ArchSpec(
@@ -67,7 +65,6 @@ _GPT2 = ArchSpec(
         "ffn_out": r"mlp\.c_proj",
         "embeddings": r"wte",
     },
-    lora_targets=("c_attn",),
 )
 
 _LLAMA = ArchSpec(
@@ -80,7 +77,6 @@ _LLAMA = ArchSpec(
         "ffn_out": r"mlp\.down_proj",
         "embeddings": r"embed_tokens",
     },
-    lora_targets=("q_proj", "v_proj"),
 )
 
 _T5 = ArchSpec(
@@ -93,7 +89,6 @@ _T5 = ArchSpec(
         "ffn_out": r"DenseReluDense\.wo",
         "embeddings": r"shared",
     },
-    lora_targets=("q", "v"),
 )
 
 _BART = ArchSpec(
@@ -106,7 +101,6 @@ _BART = ArchSpec(
         "ffn_out": r"layers\.\d+\.fc2",
         "embeddings": r"shared",
     },
-    lora_targets=("q_proj", "v_proj"),
 )
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -126,6 +120,13 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mbart": _BART,
     "marian": _BART,
 }
+
+
+def roles_regex(spec: ArchSpec, roles: Sequence[str]) -> str:
+    """One regular expression, for PEFT's ``target_modules`` (which it full-matches
+    against module paths), that selects the same modules as our matching of ``roles``."""
+    patterns = dict.fromkeys(spec.roles[r] for r in roles if r in spec.roles)
+    return r"(.*\.)?(" + "|".join(f"({p})" for p in patterns) + ")"
 
 
 def model_type(model: nn.Module) -> str | None:

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from adapterkit.core.config import AdapterConfig
 from adapterkit.core.state import AdapterState
-from adapterkit.errors import UserError
+from adapterkit.errors import UnknownNameError, UsageError, UserError
 
 
 class MergeError(UserError, RuntimeError):
@@ -88,7 +88,7 @@ class AdapterLayer(nn.Module):
         if routes is None or state.disabled:
             return None
         if len(routes) != batch_size:
-            raise ValueError(
+            raise UsageError(
                 f"route() was given {len(routes)} adapter names but the batch holds "
                 f"{batch_size} examples; give one name (or None) per example"
             )
@@ -202,7 +202,7 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError as err:
-        raise KeyError(f"{type(model).__name__} has no module at {path!r}") from err
+        raise UnknownNameError(f"{type(model).__name__} has no module at {path!r}") from err
 
 
 def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:

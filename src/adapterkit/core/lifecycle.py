@@ -24,8 +24,15 @@ from adapterkit.core.layers import (
     set_submodule,
 )
 from adapterkit.core.registry import get_method, prune_empty_layers, wrap
-from adapterkit.core.state import STATE_ATTR, AdapterState, drop_state, get_state, has_state
+from adapterkit.core.state import (
+    STATE_ATTR,
+    AdapterState,
+    drop_state,
+    get_state,
+    has_state,
+)
 from adapterkit.core.targeting import head_paths
+from adapterkit.errors import UnknownNameError, UsageError, WrongTypeError
 
 
 def add_adapter(
@@ -40,12 +47,12 @@ def add_adapter(
     ``train_head``) is frozen. Several adapters may live on one model.
     """
     if not isinstance(config, AdapterConfig):
-        raise TypeError(f"config must be an adapter config such as LoraConfig(), got {type(config).__name__}")
+        raise WrongTypeError(f"config must be an adapter config such as LoraConfig(), got {type(config).__name__}")
     if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without dots, got {name!r}")
+        raise UsageError(f"adapter name must be a non-empty string without dots, got {name!r}")
     state = get_state(model, create=True)
     if name in state.configs:
-        raise ValueError(f"model already has an adapter called {name!r}; delete_adapter() it or pick another name")
+        raise UsageError(f"model already has an adapter called {name!r}; delete_adapter() it or pick another name")
     if not state.configs:
         state.extras["__base_requires_grad"] = {n: p.requires_grad for n, p in model.named_parameters()}
     method = get_method(config)
@@ -258,7 +265,7 @@ def _names_or_active(state: AdapterState, name: str | None) -> list[str]:
 def _check_names(state: AdapterState, names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in state.configs]
     if unknown:
-        raise KeyError(f"no adapter called {unknown[0]!r}; the model has {list(state.configs)}")
+        raise UnknownNameError(f"no adapter called {unknown[0]!r}; the model has {list(state.configs)}")
 
 
 __all__ = [

@@ -21,7 +21,7 @@ from adapterkit.core.layers import (
     set_submodule,
 )
 from adapterkit.core.state import AdapterState
-from adapterkit.errors import UserError
+from adapterkit.errors import UnknownNameError, UnsupportedError, UsageError, UserError
 
 
 class Method:
@@ -34,6 +34,11 @@ class Method:
     """
 
     name: ClassVar[str] = ""
+    # Shorter names the command line and configs accept (``"prefix"`` for ``"prefix_tuning"``).
+    aliases: ClassVar[tuple[str, ...]] = ()
+    # The peak learning rate that works for this method when a run sets none:
+    # input-side methods (prompt, prefix) need far larger steps than LoRA.
+    default_lr: ClassVar[float] = 1e-3
     config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
     layer_class: ClassVar[type[AdapterLayer] | None] = None
     peft_type: ClassVar[str | None] = None
@@ -101,7 +106,7 @@ class Method:
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
         if missing or unexpected:
-            raise ValueError(
+            raise UsageError(
                 f"adapter {name!r} ({self.name}): the saved tensors do not fit the model: "
                 f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
                 f"(e.g. {unexpected[:3]}); was it saved from another base model or config?"
@@ -121,11 +126,11 @@ class Method:
         Must hold ``peft_type``; ``modules_to_save`` and an unset ``task_type``
         are filled in by the saver. Tensor names come from :meth:`export_tensors`.
         """
-        raise NotImplementedError(f"{self.name} has no PEFT counterpart")
+        raise UnsupportedError(f"{self.name} has no PEFT counterpart")
 
     def config_from_peft(self, data: dict[str, Any]) -> AdapterConfig:
         """Our config for a PEFT ``adapter_config.json`` (raise ConfigError for what we cannot honour)."""
-        raise NotImplementedError(f"{self.name} has no PEFT counterpart")
+        raise UnsupportedError(f"{self.name} has no PEFT counterpart")
 
 
 WRAPPER_COMPONENT = "base_layer"
@@ -220,13 +225,22 @@ def register(method_class: type[Method]) -> type[Method]:
 
 
 def get_method(key: str | AdapterConfig | type[AdapterConfig]) -> Method:
-    """The registered method for a name, a config, or a config class."""
+    """The registered method for a name (or alias), a config, or a config class."""
     _load_builtin_methods()
     if isinstance(key, AdapterConfig) or isinstance(key, type):
         key = key.method
-    if key not in _METHODS:
-        raise KeyError(f"unknown adapter method {key!r}; registered: {sorted(_METHODS)}")
-    return _METHODS[key]
+    if key in _METHODS:
+        return _METHODS[key]
+    for method in _METHODS.values():
+        if key in method.aliases:
+            return method
+    raise UnknownNameError(f"unknown adapter method {key!r}; known: {', '.join(method_choices())}")
+
+
+def method_choices() -> list[str]:
+    """The names users type for the registered methods: each one's shortest alias, or its name."""
+    _load_builtin_methods()
+    return [min((m.name, *m.aliases), key=len) for _, m in sorted(_METHODS.items())]
 
 
 def method_for_peft_type(peft_type: str) -> Method:
@@ -236,7 +250,7 @@ def method_for_peft_type(peft_type: str) -> Method:
         if method.peft_type == peft_type:
             return method
     known = sorted(m.peft_type for m in _METHODS.values() if m.peft_type)
-    raise KeyError(f"PEFT adapter type {peft_type!r} is not supported; adapterkit reads {known}")
+    raise UnknownNameError(f"PEFT adapter type {peft_type!r} is not supported; adapterkit reads {known}")
 
 
 def registered_methods() -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from adapterkit.core.config import AdapterConfig
+from adapterkit.errors import UsageError
 
 STATE_ATTR = "adapterkit"
 
@@ -44,7 +45,7 @@ def get_state(model: nn.Module, create: bool = False) -> AdapterState:
     state = model.__dict__.get(STATE_ATTR)
     if state is None:
         if not create:
-            raise ValueError(
+            raise UsageError(
                 f"{type(model).__name__} carries no adapters; call add_adapter(model, name, config) first"
             )
         state = AdapterState()

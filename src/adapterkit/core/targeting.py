@@ -44,7 +44,7 @@ def name_matches(path: str, targets: Sequence[str] | str) -> bool:
 def head_paths(model: nn.Module, spec: ArchSpec | None = None) -> list[str]:
     """Top-level task heads (classifier, score, ...) and the output embedding path."""
     spec = spec or arch_spec(model)
-    heads = spec.heads if spec else ArchSpec(roles={}, lora_targets=()).heads
+    heads = spec.heads if spec else ArchSpec(roles={}).heads
     found = [name for name, _ in model.named_children() if name in heads]
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None

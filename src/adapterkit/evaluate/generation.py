@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapterkit.errors import UsageError
 from adapterkit.tasks import chat_format
 from adapterkit.tasks.generation import GenerationOptions, generate_from_ids
 
@@ -61,7 +62,7 @@ class ChatSession:
                  options: GenerationOptions | None = None, system: str | None = None,
                  max_context: int | None = None) -> None:
         if _is_encoder_decoder(model):
-            raise ValueError("chat needs a decoder-only (causal-lm) model; use `adapterkit generate` "
+            raise UsageError("chat needs a decoder-only (causal-lm) model; use `adapterkit generate` "
                              "with an encoder-decoder")
         self.model, self.tokenizer = model, tokenizer
         self.options = _with_format_stops(tokenizer, options or GenerationOptions())

@@ -15,6 +15,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
+from adapterkit.errors import UsageError
 from adapterkit.tasks.base import Feature, Task
 
 
@@ -60,7 +61,7 @@ def run_inference(
     if features is None:
         features = task.encode(data, tokenizer, max_length)
     if adapter_names is not None and len(adapter_names) != len(data.examples):
-        raise ValueError(
+        raise UsageError(
             f"adapter_names has {len(adapter_names)} entries for {len(data.examples)} inputs; give one per input"
         )
     outputs: list[Any] = [None] * len(features)

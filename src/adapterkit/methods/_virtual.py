@@ -18,6 +18,7 @@ import torch.nn as nn
 from adapterkit.core.config import ConfigError
 from adapterkit.core.layers import get_store
 from adapterkit.core.state import AdapterState
+from adapterkit.errors import UnknownNameError, UsageError, WrongTypeError
 
 # Marks an adapter as "works on the model's inputs" in ``state.extras``; at most
 # one such adapter may be active at a time, since their virtual tokens would
@@ -34,11 +35,11 @@ def forward_parameters(model: nn.Module) -> list[str]:
 def bind_arguments(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     """All call arguments as keywords, so the hook can edit them by name."""
     if len(args) > len(names):
-        raise TypeError(f"forward got {len(args)} positional arguments; adapterkit can bind only {len(names)}")
+        raise WrongTypeError(f"forward got {len(args)} positional arguments; adapterkit can bind only {len(names)}")
     bound = dict(zip(names, args))
     overlap = sorted(set(bound) & set(kwargs))
     if overlap:
-        raise TypeError(f"forward got multiple values for argument(s) {overlap}")
+        raise WrongTypeError(f"forward got multiple values for argument(s) {overlap}")
     bound.update(kwargs)
     return bound
 
@@ -56,7 +57,7 @@ def hook_applies(state: AdapterState, name: str) -> bool:
     if state.routing is not None:
         routed = [r == name for r in state.routing]
         if any(routed) and not all(routed):
-            raise ValueError(
+            raise UsageError(
                 f"route() sends some examples to {name!r}, a prefix/prompt adapter, and others elsewhere; "
                 "virtual tokens need the whole batch on one adapter. Route prefix/prompt adapters per batch."
             )
@@ -65,7 +66,7 @@ def hook_applies(state: AdapterState, name: str) -> bool:
         return False
     others = [n for n in state.active if n != name and state.extras.get(n, {}).get(INPUT_ADAPTER)]
     if others:
-        raise ValueError(
+        raise UsageError(
             f"adapters {[name] + others} are active together, but only one prefix- or prompt-tuning adapter "
             "can be active at a time; call set_active(model, ...) with at most one of them"
         )
@@ -98,7 +99,7 @@ def batch_size(kwargs: dict[str, Any]) -> int:
     encoder_outputs = kwargs.get("encoder_outputs")
     if encoder_outputs is not None:
         return encoder_outputs[0].shape[0]
-    raise ValueError("cannot tell the batch size: pass input_ids or inputs_embeds")
+    raise UsageError("cannot tell the batch size: pass input_ids or inputs_embeds")
 
 
 def prepend(tensor: torch.Tensor | None, count: int, value: float) -> torch.Tensor | None:
@@ -106,7 +107,7 @@ def prepend(tensor: torch.Tensor | None, count: int, value: float) -> torch.Tens
     if tensor is None:
         return None
     if tensor.dim() != 2:
-        raise ValueError(
+        raise UsageError(
             f"prefix/prompt tuning extends 2-D (batch, seq) masks and ids, got shape {tuple(tensor.shape)}; "
             "pass a 2-D attention mask"
         )
@@ -187,7 +188,7 @@ def check_peft_type(data: dict[str, Any], expected: str) -> None:
 def single_tensor(tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
     """The one tensor ``prompt_embeddings`` that PEFT's prompt-learning files hold."""
     if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(
+        raise UsageError(
             f"adapter {name!r}: expected exactly one tensor 'prompt_embeddings', got {sorted(tensors)[:5]}"
         )
     return tensors["prompt_embeddings"]
@@ -198,7 +199,7 @@ def stored(model: nn.Module, name: str, kind: type[nn.Module]) -> Any:
     store = get_store(model)
     module = store.adapters[name] if store is not None and name in store.adapters else None
     if not isinstance(module, kind):
-        raise KeyError(f"model has no {kind.__name__} adapter called {name!r}")
+        raise UnknownNameError(f"model has no {kind.__name__} adapter called {name!r}")
     return module
 
 

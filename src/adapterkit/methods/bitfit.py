@@ -23,7 +23,13 @@ import torch.nn as nn
 
 from adapterkit.core.architectures import model_type
 from adapterkit.core.config import AdapterConfig
-from adapterkit.core.layers import AdapterLayer, MergeError, candidate_modules, innermost, routed_sum
+from adapterkit.core.layers import (
+    AdapterLayer,
+    MergeError,
+    candidate_modules,
+    innermost,
+    routed_sum,
+)
 from adapterkit.core.registry import Method, register
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import LINEAR_TYPES, TargetError, head_paths
@@ -85,6 +91,7 @@ class BitFitMethod(Method):
     """Registry entry for BitFit."""
 
     name = "bitfit"
+    default_lr = 0.002
     config_class = BitFitConfig
     layer_class = BitFitLayer
     not_mergeable_because = (

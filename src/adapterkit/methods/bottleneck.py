@@ -27,10 +27,16 @@ import torch.nn.functional as F
 
 from adapterkit.core.architectures import arch_spec, model_type, modules_in_role
 from adapterkit.core.config import AdapterConfig, check_choice, check_positive
-from adapterkit.core.layers import AdapterLayer, candidate_modules, innermost, routed_sum
+from adapterkit.core.layers import (
+    AdapterLayer,
+    candidate_modules,
+    innermost,
+    routed_sum,
+)
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import TargetError
+from adapterkit.errors import WrongTypeError
 
 Placement = Literal["houlsby", "pfeiffer", "parallel"]
 NonLinearity = Literal["relu", "gelu", "silu", "tanh", "swish"]
@@ -65,7 +71,7 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
         return core.in_features, core.out_features
     weight = getattr(core, "weight", None)
     if weight is None or weight.dim() != 2:
-        raise TypeError(f"bottleneck adapters sit after linear projections, got {type(core).__name__}")
+        raise WrongTypeError(f"bottleneck adapters sit after linear projections, got {type(core).__name__}")
     return int(weight.shape[0]), int(weight.shape[1])  # Conv1D: (in, out)
 
 

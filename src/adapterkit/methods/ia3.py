@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from adapterkit.core.architectures import arch_spec, modules_in_role
+from adapterkit.core.architectures import arch_spec, modules_in_role, roles_regex
 from adapterkit.core.config import AdapterConfig, ConfigError, check_targets
 from adapterkit.core.layers import AdapterLayer, MergeError, innermost
 from adapterkit.core.registry import Method, register, wrap
@@ -196,6 +196,7 @@ class IA3Method(Method):
     """Registry entry for (IA)^3."""
 
     name = "ia3"
+    default_lr = 0.005
     config_class = IA3Config
     layer_class = IA3Layer
     peft_type = "IA3"
@@ -226,7 +227,7 @@ class IA3Method(Method):
         spec = arch_spec(model)
         if config.targets is None:
             assert spec is not None  # target_paths raised otherwise
-            targets: list[str] | str = _role_regex([spec.roles[r] for r in DEFAULT_ROLES])
+            targets: list[str] | str = roles_regex(spec, DEFAULT_ROLES)
         elif config.targets == "all-linear":
             targets = paths  # PEFT's all-linear keeps classification heads; ours doesn't
         else:
@@ -234,7 +235,7 @@ class IA3Method(Method):
         if config.feedforward is not None:
             feedforward: list[str] | str = config.feedforward
         elif spec is not None and "ffn_out" in spec.roles:
-            feedforward = _role_regex([spec.roles["ffn_out"]])
+            feedforward = roles_regex(spec, ["ffn_out"])
         else:
             feedforward = []
         fan_in_fan_out = any(not isinstance(innermost(model.get_submodule(p)), nn.Linear) for p in paths)
@@ -262,11 +263,6 @@ class IA3Method(Method):
         if isinstance(feedforward, list) and isinstance(targets, list):
             feedforward = [f for f in feedforward if f in targets]  # PEFT guarantees a subset
         return IA3Config(targets=targets, feedforward=feedforward)
-
-
-def _role_regex(roles: list[str]) -> str:
-    """A regex that PEFT full-matches against module paths, equal to our role matching."""
-    return r"(.*\.)?(" + "|".join(f"({r})" for r in dict.fromkeys(roles)) + ")"
 
 
 __all__ = ["IA3Config", "IA3Layer", "IA3Method"]

@@ -17,19 +17,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from adapterkit.core.config import AdapterConfig, ConfigError, check_positive, check_targets
+from adapterkit.core.config import (
+    AdapterConfig,
+    ConfigError,
+    check_positive,
+    check_targets,
+)
 from adapterkit.core.layers import AdapterLayer, MergeError, routed_sum
 from adapterkit.core.registry import Method, register
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
 
+# What LoRA adapts when a config names no targets: the attention projections
+# and the FFN of every layer, found through the architecture table's roles.
+DEFAULT_ROLES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
+
 
 @dataclass
 class LoraConfig(AdapterConfig):
-    """LoRA settings; names follow the paper (rank r, alpha)."""
+    """LoRA settings; names follow the paper (rank r, alpha).
+
+    ``targets``: PEFT-style list of module names / suffixes, a regular
+    expression over the full path, ``"all-linear"``, or None for the
+    attention projections and FFN layers of the architecture (``DEFAULT_ROLES``).
+    """
 
     rank: int = 8
     alpha: float = 16
-    dropout: float = 0.0
+    dropout: float = 0.05
     targets: list[str] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
@@ -292,12 +306,8 @@ class LoraMethod(Method):
 
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         assert isinstance(config, LoraConfig)
-        from adapterkit.core.architectures import arch_spec
-
-        spec = arch_spec(model)
-        defaults = spec.lora_targets if spec else ()
         return resolve_targets(model, config.targets, LINEAR_TYPES + (nn.Embedding,),
-                               default_names=defaults, method="LoRA")
+                               default_roles=DEFAULT_ROLES, method="LoRA")
 
     # --- PEFT interchange -------------------------------------------------------
     # PEFT LoraConfig fields that change the computation in ways LoraConfig cannot express
@@ -311,17 +321,18 @@ class LoraMethod(Method):
 
         Targets: the user's list or regex as given; for None the architecture's
         default names; for ``"all-linear"`` the resolved module paths (PEFT's
-        own all-linear picks a different set). ``fan_in_fan_out`` is on when a
+        own all-linear picks a different set). Targets None become a regular
+        expression over the default roles, which PEFT matches to the same modules. ``fan_in_fan_out`` is on when a
         target is GPT-2's ``Conv1D`` (PEFT switches it off for plain Linear layers).
         """
         assert isinstance(config, LoraConfig)
-        from adapterkit.core.architectures import arch_spec
+        from adapterkit.core.architectures import arch_spec, roles_regex
 
         paths = self.target_paths(model, config)
         if config.targets is None:
             spec = arch_spec(model)
             assert spec is not None  # target_paths raised otherwise
-            targets: list[str] | str = list(spec.lora_targets)
+            targets: list[str] | str = roles_regex(spec, DEFAULT_ROLES)
         elif config.targets == "all-linear":
             targets = paths
         else:

@@ -38,6 +38,7 @@ from adapterkit.core.config import AdapterConfig, ConfigError, check_positive
 from adapterkit.core.layers import get_store
 from adapterkit.core.registry import Method, register
 from adapterkit.core.state import AdapterState
+from adapterkit.errors import UsageError
 from adapterkit.methods import _virtual as vt
 
 
@@ -159,7 +160,7 @@ class PrefixEncoder(nn.Module):
         """Replace the weights by a folded table (the MLP, if any, is dropped)."""
         reference = next(self.parameters())
         if table.shape[0] != self.num_tokens:
-            raise ValueError(f"prefix table has {table.shape[0]} rows but the adapter {self.num_tokens} tokens")
+            raise UsageError(f"prefix table has {table.shape[0]} rows but the adapter {self.num_tokens} tokens")
         trainable = any(p.requires_grad for p in self.parameters())
         for attr in ("embedding", "transform", "table"):
             if hasattr(self, attr):
@@ -240,6 +241,8 @@ class PrefixTuningMethod(Method):
     """Registry entry for prefix tuning; weights live in the model's adapter store."""
 
     name = "prefix_tuning"
+    aliases = ("prefix",)
+    default_lr = 0.01
     config_class = PrefixTuningConfig
     layer_class = None
     peft_type = "PREFIX_TUNING"
@@ -264,7 +267,7 @@ class PrefixTuningMethod(Method):
         table = vt.single_tensor(tensors, name)
         width = kv_layout(model).width
         if tuple(table.shape) != (encoder.num_tokens, width):
-            raise ValueError(
+            raise UsageError(
                 f"adapter {name!r}: prefix table has shape {tuple(table.shape)} in the file but the model needs "
                 f"({encoder.num_tokens}, {width}) = (virtual tokens, layers*2*kv_hidden); "
                 "was it trained on another base model?"

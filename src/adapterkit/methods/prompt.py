@@ -38,6 +38,7 @@ from adapterkit.core.config import AdapterConfig, ConfigError, check_positive
 from adapterkit.core.layers import get_store
 from adapterkit.core.registry import Method, register
 from adapterkit.core.state import AdapterState
+from adapterkit.errors import UsageError
 from adapterkit.methods import _virtual as vt
 
 
@@ -120,7 +121,7 @@ def _prepend_prompt(module: nn.Module, kw: dict[str, Any], prompt: torch.Tensor)
     ids = kw.pop("input_ids", None)
     if embeds is None:
         if ids is None:
-            raise ValueError("prompt tuning needs input_ids or inputs_embeds")
+            raise UsageError("prompt tuning needs input_ids or inputs_embeds")
         embeds = module.get_input_embeddings()(ids)
     batch, length = embeds.shape[:2]
     virtual = prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)  # (batch, P, hidden)
@@ -218,6 +219,8 @@ class PromptTuningMethod(Method):
     """Registry entry for prompt tuning; weights live in the model's adapter store."""
 
     name = "prompt_tuning"
+    aliases = ("prompt",)
+    default_lr = 0.03
     config_class = PromptTuningConfig
     layer_class = None
     peft_type = "PROMPT_TUNING"
@@ -255,7 +258,7 @@ class PromptTuningMethod(Method):
         if table.dim() == 2 and table.shape[0] == 2 * count and table.shape[1] == hidden:
             table = table[:count]  # PEFT's decoder half, which prompt tuning never reads
         if tuple(table.shape) != (count, hidden):
-            raise ValueError(
+            raise UsageError(
                 f"adapter {name!r}: prompt_embeddings has shape {tuple(table.shape)} in the file but the model "
                 f"needs ({count}, {hidden}) = (virtual tokens, hidden size); was it trained on another base model?"
             )

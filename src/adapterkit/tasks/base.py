@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
+from adapterkit.errors import UnsupportedError, UsageError
 
 Feature = dict[str, Any]
 
@@ -71,10 +72,12 @@ class Task(ABC):
     Class attributes:
         name: the task name used on the command line and in adapter metadata.
         default_metric: the metric that picks the best checkpoint by default.
+        default_max_length: the input length in tokens a run uses when it sets none.
     """
 
     name: ClassVar[str]
     default_metric: ClassVar[str]
+    default_max_length: ClassVar[int] = 64
 
     @abstractmethod
     def encode(
@@ -92,7 +95,7 @@ class Task(ABC):
         """The scalar training loss of a batch; Hugging Face heads compute it from the labels."""
         loss = model(**batch).loss
         if loss is None:
-            raise ValueError(f"{self.name}: the batch has no labels, so there is no loss to train on")
+            raise UsageError(f"{self.name}: the batch has no labels, so there is no loss to train on")
         return loss
 
     def relabel(self, data: TaskData, labels: Sequence[str] | None) -> TaskData:
@@ -103,7 +106,7 @@ class Task(ABC):
         raise a ``DataError`` for a label the model never saw.
         """
         if labels is not None and data.labels is not None and list(data.labels) != list(labels):
-            raise ValueError(f"{data.source}: labels {data.labels} differ from the model's {list(labels)}")
+            raise UsageError(f"{data.source}: labels {data.labels} differ from the model's {list(labels)}")
         return data
 
     @abstractmethod
@@ -138,11 +141,11 @@ class Task(ABC):
         Only tasks whose examples can share a row without seeing each other
         (``causal-lm``) support this.
         """
-        raise ValueError(f"task {self.name!r} does not support packing; train it with packing off")
+        raise UsageError(f"task {self.name!r} does not support packing; train it with packing off")
 
     def from_texts(self, texts: Sequence[str], labels: Sequence[str] | None) -> TaskData:
         """Unlabelled examples from raw input strings (what ``predict`` receives)."""
-        raise NotImplementedError(f"task {self.name!r} cannot build examples from plain texts")
+        raise UnsupportedError(f"task {self.name!r} cannot build examples from plain texts")
 
     @staticmethod
     def length(feature: Feature) -> int:

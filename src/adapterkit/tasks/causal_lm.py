@@ -25,9 +25,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
 from adapterkit.data.instructions import instructions_from_texts
+from adapterkit.errors import UsageError
 from adapterkit.tasks import chat_format
 from adapterkit.tasks.base import Feature, Task
-from adapterkit.tasks.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, generate_batch, pad_prompts
+from adapterkit.tasks.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationOptions,
+    generate_batch,
+    pad_prompts,
+)
 from adapterkit.tasks.registry import register_task
 from adapterkit.tasks.text_metrics import bleu_chrf, exact_match, perplexity
 
@@ -180,7 +186,7 @@ class CausalLMTask(Task):
         references = [(p.text or "", e["reference"]) for e, p in zip(data.examples, predictions)
                       if e.get("reference") is not None]
         if not total_tokens and not answers and not references:
-            raise ValueError(f"{data.source}: no responses, answers or references to score against")
+            raise UsageError(f"{data.source}: no responses, answers or references to score against")
         metrics: dict[str, Any] = {"count": len(data), "response_tokens": total_tokens}
         if total_tokens:
             metrics["loss"] = total_nll / total_tokens

@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
+from adapterkit.errors import UsageError
+
 Message = dict[str, str]
 PLAIN_HEADERS = {"system": "", "user": "### Instruction:\n", "assistant": "### Response:\n"}
 # Without a template, a model that goes on to write the next instruction has finished its reply.
@@ -59,7 +61,7 @@ def reply_ids(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], r
         full = tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": reply}],
                                              tokenize=False)
         if not full.startswith(before):
-            raise ValueError("the chat template renders the reply differently from the generation "
+            raise UsageError("the chat template renders the reply differently from the generation "
                              "prompt, so response tokens cannot be told apart from prompt tokens")
         return list(tokenizer(full[len(before):], add_special_tokens=False)["input_ids"])
     ids = list(tokenizer(reply, add_special_tokens=False)["input_ids"])

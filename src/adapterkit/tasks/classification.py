@@ -12,6 +12,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.data.classification import classification_from_texts
 from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
+from adapterkit.errors import UsageError
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.metrics import classification_metrics, mean_cross_entropy
 from adapterkit.tasks.registry import register_task
@@ -88,7 +89,7 @@ class ClassificationTask(Task):
         labels = data.labels or []
         references = [e["label"] for e in data.examples]
         if any(r is None for r in references):
-            raise ValueError(f"{data.source}: cannot score unlabelled examples")
+            raise UsageError(f"{data.source}: cannot score unlabelled examples")
         index = {label: i for i, label in enumerate(labels)}
         predicted = [index[p.label] for p in predictions]
         metrics = classification_metrics(references, predicted, labels)

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
 from adapterkit.data.squad import qa_from_pairs
+from adapterkit.errors import UsageError
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.qa_metrics import squad_scores
 from adapterkit.tasks.qa_spans import best_span_over_windows
@@ -97,12 +98,12 @@ class QuestionAnsweringTask(Task):
 
     def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
         if not tokenizer.is_fast:
-            raise ValueError(f"question answering needs a fast tokenizer (offset mappings); "
+            raise UsageError(f"question answering needs a fast tokenizer (offset mappings); "
                              f"{type(tokenizer).__name__} is not one")
         stride = self._window_stride(max_length)
         question_limit = max_length - SPECIAL_TOKENS_IN_PAIR - stride - 1
         if question_limit < 1:
-            raise ValueError(f"max_length={max_length} leaves no room for question and context; use 64 or more")
+            raise UsageError(f"max_length={max_length} leaves no room for question and context; use 64 or more")
         questions = self._clip_questions([e["question"].lstrip() for e in data.examples], tokenizer,
                                          question_limit)
         encoded = tokenizer(questions, [e["context"] for e in data.examples], truncation="only_second",
@@ -164,7 +165,7 @@ class QuestionAnsweringTask(Task):
               outputs: Sequence[SpanLogits]) -> dict[str, Any]:
         references = [[a["text"] for a in e["answers"]] for e in data.examples]
         if not all(references):
-            raise ValueError(f"{data.source}: cannot score questions without reference answers")
+            raise UsageError(f"{data.source}: cannot score questions without reference answers")
         metrics: dict[str, Any] = squad_scores([p.answer for p in predictions], references)
         losses = [o.loss for o in outputs if o.loss is not None]
         if losses:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from adapterkit.errors import UsageError
 from adapterkit.tasks.base import Task
 
 TASKS: dict[str, type[Task]] = {}
@@ -29,7 +30,7 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]()
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+        raise UsageError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
 
 
 def task_name_for_model(model: Any) -> str:
@@ -41,4 +42,4 @@ def task_name_for_model(model: Any) -> str:
     for suffix, task in HEAD_SUFFIX_TASKS.items():
         if cls_name.endswith(suffix):
             return task
-    raise ValueError(f"cannot tell the task of a {cls_name}; pass task=... explicitly")
+    raise UsageError(f"cannot tell the task of a {cls_name}; pass task=... explicitly")

@@ -17,9 +17,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
 from adapterkit.data.seq2seq import seq2seq_from_texts
+from adapterkit.errors import UsageError
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.causal_lm import IGNORE, LOGITS_BUDGET, Generation
-from adapterkit.tasks.generation import DEFAULT_MAX_NEW_TOKENS, GenerationOptions, generate_batch
+from adapterkit.tasks.generation import (
+    DEFAULT_MAX_NEW_TOKENS,
+    GenerationOptions,
+    generate_batch,
+)
 from adapterkit.tasks.registry import register_task
 from adapterkit.tasks.text_metrics import bleu_chrf, perplexity
 
@@ -100,7 +105,7 @@ class Seq2SeqTask(Task):
     def score(self, data: TaskData, predictions: Sequence[Generation], outputs: Sequence[Any]) -> dict[str, Any]:
         pairs = [(p.text or "", e["target"]) for e, p in zip(data.examples, predictions) if e.get("target") is not None]
         if not pairs:
-            raise ValueError(f"{data.source}: no targets to score against")
+            raise UsageError(f"{data.source}: no targets to score against")
         total_nll = sum(p.nll for p in predictions)
         total_tokens = sum(p.tokens for p in predictions)
         metrics: dict[str, Any] = bleu_chrf([g for g, _ in pairs], [r for _, r in pairs])

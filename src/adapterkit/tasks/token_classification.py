@@ -20,8 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
-from adapterkit.data.token_classification import token_classification_from_texts
 from adapterkit.data.tagging import convert_tags, entity_spans, labels_scheme, split_tag
+from adapterkit.data.token_classification import token_classification_from_texts
+from adapterkit.errors import UsageError, WrongTypeError
 from adapterkit.tasks.base import Feature, Task, pad_features
 from adapterkit.tasks.entity_metrics import entity_metrics
 from adapterkit.tasks.metrics import mean_cross_entropy
@@ -82,7 +83,7 @@ class TokenClassificationTask(Task):
 
     def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
         if not getattr(tokenizer, "is_fast", False):
-            raise TypeError(f"token classification needs a fast tokenizer (for word_ids()); "
+            raise WrongTypeError(f"token classification needs a fast tokenizer (for word_ids()); "
                             f"got {type(tokenizer).__name__}")
         index = {label: i for i, label in enumerate(data.labels or [])}
         words = [list(e["tokens"]) for e in data.examples]
@@ -115,7 +116,7 @@ class TokenClassificationTask(Task):
 
     def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in batch:
-            raise ValueError(f"{self.name}: the batch has no labels, so there is no loss to train on")
+            raise UsageError(f"{self.name}: the batch has no labels, so there is no loss to train on")
         if not bool((batch["labels"] != -100).any()):
             # Every word was truncated away: a zero loss that still has a graph, not NaN.
             return model(**_model_inputs(batch, labels=False)).logits.sum() * 0.0
@@ -153,7 +154,7 @@ class TokenClassificationTask(Task):
 
     def decode(self, data: TaskData, features: Sequence[Feature], outputs: Sequence[WordLogits]) -> list[TagPrediction]:
         if not data.labels:
-            raise ValueError(f"{data.source}: decoding tags needs the label vocabulary (data.labels)")
+            raise UsageError(f"{data.source}: decoding tags needs the label vocabulary (data.labels)")
         labels = data.labels
         predictions = []
         for feature, output in zip(features, outputs):
@@ -178,7 +179,7 @@ class TokenClassificationTask(Task):
               outputs: Sequence[WordLogits]) -> dict[str, Any]:
         references = [e.get("tags") for e in data.examples]
         if any(r is None for r in references):
-            raise ValueError(f"{data.source}: cannot score untagged examples")
+            raise UsageError(f"{data.source}: cannot score untagged examples")
         metrics = entity_metrics(references, [p.tags for p in predictions])
         # Word-level cross-entropy; features and examples correspond one to one, in order.
         index = {label: i for i, label in enumerate(data.labels or [])}

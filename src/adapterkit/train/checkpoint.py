@@ -5,6 +5,7 @@ A checkpoint folder holds:
 - ``trainable.safetensors``: every trainable parameter (adapter + head), by name;
 - ``optimizer.pt`` / ``scheduler.pt``: their ``state_dict()``s;
 - ``rng.pt``: torch's CPU generator state;
+- ``best.safetensors``: the best trainable weights so far (their metrics are in ``state.json``);
 - ``state.json``: loop position (step, epoch, batch in epoch), best metric,
   evaluation history, Python and numpy RNG states, and the settings that
   must match on resume.
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,18 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from adapterkit.core.atomic import (  # noqa: F401
+    OLD_MARK,
+    atomic_folder,
+    leftovers,
+    write_text_atomically,
+)
+from adapterkit.errors import ResumeError
+from adapterkit.train.fingerprint import check_same_run
+
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
+BEST_WEIGHTS_FILE = "best.safetensors"
 
 
 @dataclass
@@ -75,7 +84,7 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     if missing or unexpected:
-        raise ValueError(
+        raise ResumeError(
             f"{source}: the checkpoint does not fit this model's trainable parameters "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same "
             "model, method and adapter settings"
@@ -85,28 +94,13 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             param.copy_(tensors[name])
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Swap ``tmp`` into ``final``: rename the old one aside, rename, then delete the old."""
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def write_atomically(final: Path, files: dict[str, Any]) -> None:
-    """Write ``{filename: content}`` into ``final`` through a temporary folder.
+    """Write ``{filename: content}`` as the folder ``final``, replacing it whole and atomically.
 
     Content types: a dict of tensors (safetensors), a dict/list (JSON),
     anything else (``torch.save``).
     """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is an ordinary folder
-    try:
+    with atomic_folder(final) as tmp:
         for name, content in files.items():
             path = tmp / name
             if name.endswith(".safetensors"):
@@ -115,10 +109,6 @@ def write_atomically(final: Path, files: dict[str, Any]) -> None:
                 path.write_text(json.dumps(content, indent=1))
             else:
                 torch.save(content, path)
-        _replace_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(
@@ -129,27 +119,52 @@ def save_checkpoint(
     state: LoopState,
     rng: dict[str, Any],
     fingerprint: dict[str, Any],
+    best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> None:
-    """Everything needed to continue the run, written atomically to ``folder``."""
-    write_atomically(folder, {
+    """Everything needed to continue the run, written atomically to ``folder``.
+
+    ``best``: the best weights so far and their metrics. They are kept in this
+    folder too, so that a resume never pairs a loop position with a best
+    checkpoint written after it.
+    """
+    files: dict[str, Any] = {
         WEIGHTS_FILE: trainable_state(model),
         "optimizer.pt": optimizer.state_dict(),
         "scheduler.pt": scheduler.state_dict(),
         "rng.pt": rng["torch"],
-        STATE_FILE: {
-            "loop": asdict(state),
-            "rng": {"python": rng["python"], "numpy": rng["numpy"]},
-            "fingerprint": fingerprint,
-        },
-    })
+    }
+    if best is not None:
+        files[BEST_WEIGHTS_FILE] = best[0]
+    files[STATE_FILE] = {
+        "loop": asdict(state),
+        "rng": {"python": rng["python"], "numpy": rng["numpy"]},
+        "fingerprint": fingerprint,
+        "best_metrics": best[1] if best is not None else None,
+    }
+    write_atomically(folder, files)
+
+
+def _complete(folder: Path) -> bool:
+    return (folder / STATE_FILE).is_file() and (folder / WEIGHTS_FILE).is_file()
 
 
 def find_checkpoint(folder: Path) -> Path | None:
-    """The complete checkpoint at ``folder`` (or its ``.old`` twin left by a crash mid-swap)."""
-    for candidate in (folder, folder.with_name(folder.name + ".old")):
-        if (candidate / STATE_FILE).is_file() and (candidate / WEIGHTS_FILE).is_file():
+    """The complete checkpoint at ``folder``, or the previous complete copy an interrupted save
+    renamed aside (only where the swap is two renames, see ``core/atomic.py``); else None."""
+    if _complete(folder):
+        return folder
+    for candidate in leftovers(folder):
+        if OLD_MARK in candidate.name and _complete(candidate):
             return candidate
     return None
+
+
+def read_best(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The best weights and metrics a checkpoint folder holds, if any."""
+    if not (folder / BEST_WEIGHTS_FILE).is_file():
+        return None
+    metrics = json.loads((folder / STATE_FILE).read_text()).get("best_metrics") or {}
+    return load_file(str(folder / BEST_WEIGHTS_FILE)), metrics
 
 
 def load_checkpoint(
@@ -159,14 +174,13 @@ def load_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     fingerprint: dict[str, Any],
 ) -> LoopState:
-    """Restore weights, optimizer, scheduler and RNGs; return the loop position."""
+    """Restore weights, optimizer, scheduler and RNGs; return the loop position.
+
+    Raises:
+        ResumeError: the run's settings differ from the checkpoint's (each listed).
+    """
     meta = json.loads((folder / STATE_FILE).read_text())
-    saved = meta["fingerprint"]
-    differs = {k: (saved.get(k), v) for k, v in fingerprint.items() if saved.get(k) != v}
-    if differs:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differs.items())
-        raise ValueError(f"cannot resume from {folder}: settings differ ({detail}); "
-                         "resume with the settings of the interrupted run")
+    check_same_run(meta.get("fingerprint") or {}, fingerprint, str(folder.parent.parent))
     load_trainable_state(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))

@@ -1,8 +1,15 @@
-"""``TrainConfig``: the knobs of the training loop, validated, named like PyTorch's."""
+"""``TrainConfig``: the knobs of the training loop, validated, named like PyTorch's.
+
+These are the only training defaults in adapterkit: ``ak.train`` and
+``adapterkit train`` both start from them. Two are left to the run's parts:
+``lr=None`` takes the adapter method's own ``default_lr`` and
+``max_length=None`` the task's ``default_max_length`` (:func:`resolve_defaults`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,9 +23,30 @@ class TrainConfigError(UserError, ValueError):
     """A ``TrainConfig`` field holds a value the loop cannot use."""
 
 
+def _label(name: str) -> str:
+    """How a field is named in messages: the Python field, its flag and its YAML key."""
+    return f"TrainConfig.{name} (--{name.replace('_', '-')}, or train.{name} in a --config file)"
+
+
+# Integer fields where None means "not set" (see the attribute docs).
+_OPTIONAL = frozenset({"max_length", "max_steps", "eval_every", "early_stopping_patience", "num_threads"})
+
+
+def _check_number(name: str, value: Any, *, low: float, high: float | None = None,
+                  low_ok: bool = False, optional: bool = False) -> None:
+    """Refuse a field that is not a finite number in its range (NaN and infinity included)."""
+    if value is None and optional:
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+          and (value >= low if low_ok else value > low) and (high is None or value < high))
+    if not ok:
+        bounds = f"{'>=' if low_ok else '>'} {low:g}" + (f" and < {high:g}" if high is not None else "")
+        raise TrainConfigError(f"{_label(name)} must be a finite number {bounds}, got {value!r}")
+
+
 @dataclass
 class TrainConfig:
-    """How to train. Defaults suit LoRA on a small encoder on a CPU.
+    """How to train. Defaults suit an adapter on a small encoder on a CPU.
 
     Attributes:
         output_dir: the run folder (checkpoints, metrics, plots, ``adapter/``);
@@ -27,14 +55,16 @@ class TrainConfig:
         max_steps: optimizer steps to run; overrides ``epochs``.
         batch_size: examples per forward pass.
         grad_accum_steps: forward passes per optimizer step.
-        lr: peak learning rate of the adapter parameters.
+        lr: peak learning rate of the adapter parameters (``None``: the method's
+            ``default_lr``, e.g. 1e-3 for LoRA, 3e-2 for prompt tuning).
         head_lr: peak learning rate of the task head (``None``: same as ``lr``).
         weight_decay: AdamW decoupled weight decay.
         scheduler: ``"linear"`` or ``"cosine"`` decay after warmup, or ``"constant"``.
         warmup_ratio: fraction of the steps spent warming up linearly from 0.
         warmup_steps: warmup length in steps; overrides ``warmup_ratio``.
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
-        max_length: longest tokenized input; longer ones are truncated.
+        max_length: longest tokenized input; longer ones are truncated
+            (``None``: the task's ``default_max_length``).
         packing: pack several short training examples into each row of up to
             ``max_length`` tokens, without attention across them (tasks that
             support it: ``causal-lm``).
@@ -53,6 +83,8 @@ class TrainConfig:
         log_every: log the training loss every N optimizer steps.
         progress: show a progress bar.
         resume: continue from the run folder's last checkpoint.
+        overwrite: replace a run already in ``output_dir``; the earlier run is
+            kept until the new one has written its first checkpoint.
     """
 
     output_dir: str | None = None
@@ -60,14 +92,14 @@ class TrainConfig:
     max_steps: int | None = None
     batch_size: int = 32
     grad_accum_steps: int = 1
-    lr: float = 1e-3
-    head_lr: float | None = None
+    lr: float | None = None
+    head_lr: float | None = 2e-3
     weight_decay: float = 0.01
     scheduler: SchedulerName = "linear"
     warmup_ratio: float = 0.06
     warmup_steps: int | None = None
     max_grad_norm: float | None = 1.0
-    max_length: int = 128
+    max_length: int | None = None
     packing: bool = False
     eval_every: int | None = None
     eval_batch_size: int = 64
@@ -81,32 +113,33 @@ class TrainConfig:
     log_every: int = 10
     progress: bool = True
     resume: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
-        positive = ["epochs", "batch_size", "grad_accum_steps", "max_length",
-                    "eval_batch_size", "log_every"]
-        for name in positive + ["max_steps", "eval_every", "early_stopping_patience", "num_threads"]:
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every",
+                     "max_length", "max_steps", "eval_every", "early_stopping_patience", "num_threads"):
             value = getattr(self, name)
-            if value is None and name not in positive:
+            if value is None and name in _OPTIONAL:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise TrainConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+                raise TrainConfigError(f"{_label(name)} must be a positive integer, got {value!r}")
         if self.scheduler not in SCHEDULERS:
-            raise TrainConfigError(f"TrainConfig.scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}")
-        for name in ("lr", "head_lr"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, (int, float)) and value > 0):
-                raise TrainConfigError(f"TrainConfig.{name} must be a positive number, got {value!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise TrainConfigError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.warmup_steps is not None and self.warmup_steps < 0:
-            raise TrainConfigError(f"TrainConfig.warmup_steps must be >= 0, got {self.warmup_steps!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise TrainConfigError(f"TrainConfig.max_grad_norm must be positive, got {self.max_grad_norm!r}")
-        if self.weight_decay < 0:
-            raise TrainConfigError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay!r}")
+            raise TrainConfigError(f"{_label('scheduler')} must be one of {SCHEDULERS}, got {self.scheduler!r}")
+        _check_number("lr", self.lr, low=0.0, optional=True)
+        _check_number("head_lr", self.head_lr, low=0.0, optional=True)
+        _check_number("warmup_ratio", self.warmup_ratio, low=0.0, high=1.0, low_ok=True)
+        _check_number("max_grad_norm", self.max_grad_norm, low=0.0, optional=True)
+        _check_number("weight_decay", self.weight_decay, low=0.0, low_ok=True)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise TrainConfigError(f"{_label('seed')} must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
+        if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool)
+                                              or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            raise TrainConfigError(f"{_label('warmup_steps')} must be an integer >= 0, got {self.warmup_steps!r}")
         if self.resume and self.output_dir is None:
             raise TrainConfigError("TrainConfig.resume needs output_dir: the run folder to resume from")
+        if self.resume and self.overwrite:
+            raise TrainConfigError("TrainConfig.resume continues the run in output_dir and overwrite "
+                                   "replaces it; set one")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for YAML/JSON."""
@@ -120,3 +153,12 @@ class TrainConfig:
         if unknown:
             raise TrainConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def resolve_defaults(config: TrainConfig, method_lr: float, task_max_length: int) -> TrainConfig:
+    """``config`` with ``lr`` and ``max_length`` filled in from the method and the task."""
+    return dataclasses.replace(
+        config,
+        lr=config.lr if config.lr is not None else method_lr,
+        max_length=config.max_length if config.max_length is not None else task_max_length,
+    )

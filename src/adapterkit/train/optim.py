@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
+from adapterkit.errors import UsageError
 from adapterkit.train.config import TrainConfig
 
 # Name fragments of task heads, for models that carry no adapters (e.g. a
@@ -40,7 +41,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
     """
     params = trainable_parameters(model)
     if not params:
-        raise ValueError("the model has no trainable parameters; add an adapter first (add_adapter)")
+        raise UsageError("the model has no trainable parameters; add an adapter first (add_adapter)")
     heads = head_parameter_names(model)
     groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, param in params.items():

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _pyplot():
     """matplotlib's pyplot on the file-only Agg backend, imported on first use (it is slow)."""
     import matplotlib

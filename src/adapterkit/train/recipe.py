@@ -3,6 +3,9 @@ model and data, add the adapter, train, test, and leave everything in a run fold
 
 ``RunConfig()`` with no arguments is the built-in default: LoRA on MiniLM
 with Rotten Tomatoes, tested on its test split (5-7 minutes on 2 CPU cores).
+It has no defaults of its own: the method's config class, ``TrainConfig``,
+the method's ``default_lr`` and the task's ``default_max_length`` give them,
+exactly as for ``ak.train`` from Python.
 """
 
 from __future__ import annotations
@@ -16,40 +19,18 @@ from typing import Any
 
 import yaml
 
+from adapterkit.core.atomic import write_text_atomically
 from adapterkit.data import TaskData, holdout, load_data
 from adapterkit.data.builtin import BUILTIN_DATASETS
 from adapterkit.evaluate import evaluate
 from adapterkit.models import load_model
-from adapterkit.train.config import TrainConfig, TrainConfigError
+from adapterkit.train.config import TrainConfig, TrainConfigError, resolve_defaults
+from adapterkit.train.fingerprint import RESUMABLE_CHANGES, check_same_run
 from adapterkit.train.loop import seed_everything, train
 from adapterkit.train.records import scalar_metrics
 from adapterkit.train.result import TrainResult, save_run_adapter
+from adapterkit.train.run_folder import RunFolder
 
-# Short method names of the command line -> names in the method registry.
-METHOD_NAMES: dict[str, str] = {"prefix": "prefix_tuning", "prompt": "prompt_tuning"}
-# Default options of each method's config when the run gives none; methods
-# not listed use their config class's own defaults.
-DEFAULT_ADAPTER_OPTIONS: dict[str, dict[str, Any]] = {
-    "lora": {"rank": 8, "alpha": 16, "dropout": 0.05, "targets": ["query", "key", "value", "dense"]},
-}
-# Per-task changes to those defaults: generative models (Llama, GPT-2, T5, BART)
-# take their architecture's default LoRA targets (e.g. q_proj/v_proj), as the
-# BERT module names above do not exist in them.
-TASK_ADAPTER_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "causal-lm": {"lora": {"targets": None}},
-    "seq2seq": {"lora": {"targets": None}},
-}
-# Peak learning rates that work for each method when the run sets none:
-# input-side methods (prompt, prefix) need much larger steps than LoRA.
-DEFAULT_LR: dict[str, float] = {
-    "lora": 1e-3, "bottleneck": 1e-3, "ia3": 5e-3, "bitfit": 2e-3, "prefix": 1e-2, "prompt": 3e-2,
-}
-# Training defaults of the built-in run, measured on 2 CPU cores: one epoch of
-# rotten_tomatoes (321 steps) reaches 0.82 test accuracy in about 430 CPU-seconds;
-# a second epoch adds about one point for twice the time, past the 10-minute budget.
-DEFAULT_TRAIN: dict[str, Any] = {
-    "epochs": 1, "batch_size": 32, "max_length": 64, "head_lr": 2e-3, "eval_every": 200,
-}
 RUNS_DIR = "runs"
 
 
@@ -94,16 +75,16 @@ class RunConfig:
         An override whose name is a ``TrainConfig`` field (``epochs``, ``lr``...)
         goes into ``train``.
         """
-        data: dict[str, Any] = {}
-        if config_file is not None:
-            data = yaml.safe_load(Path(config_file).read_text()) or {}
-            if not isinstance(data, dict):
-                raise TrainConfigError(f"{config_file}: expected a mapping of run options")
+        data = read_run_file(config_file) if config_file is not None else {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise TrainConfigError(f"{config_file}: unknown key(s) {unknown}; known: {sorted(known)}")
         train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        for key in ("adapter", "train"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise TrainConfigError(f"{config_file}: {key!r} must be a mapping of options "
+                                       f"(e.g. {key}: {{name: value}}), got {data[key]!r}")
         data = {**data, "adapter": dict(data.get("adapter") or {}), "train": dict(data.get("train") or {})}
         for key, value in overrides.items():
             if value is None:
@@ -117,17 +98,38 @@ class RunConfig:
         return cls(**data)
 
     def adapter_config(self) -> Any:
-        """The method's config object, built from the defaults and ``adapter``."""
-        from adapterkit.core import get_config_class
+        """The method's config object: its class's defaults, then ``adapter``."""
+        from adapterkit.core import get_method
+        from adapterkit.core.config import ConfigError
 
-        options = {**DEFAULT_ADAPTER_OPTIONS.get(self.method, {}),
-                   **TASK_ADAPTER_OPTIONS.get(self.task, {}).get(self.method, {}), **self.adapter}
-        return get_config_class(METHOD_NAMES.get(self.method, self.method))(**options)
+        try:
+            method = get_method(self.method)
+        except KeyError as err:
+            raise TrainConfigError(f"method: {err.args[0]}") from None
+        try:
+            return method.config_class.from_dict(self.adapter)
+        except ConfigError as err:
+            raise ConfigError(f"adapter options for method {self.method!r}: {err}") from None
 
-    def train_config(self, output_dir: str) -> TrainConfig:
-        """The ``TrainConfig``: built-in defaults, the method's learning rate, then ``train``."""
-        options = {**DEFAULT_TRAIN, "lr": DEFAULT_LR.get(self.method, 1e-3), **self.train}
-        return TrainConfig.from_dict({**options, "output_dir": output_dir})
+    def train_config(self, output_dir: str | None) -> TrainConfig:
+        """The ``TrainConfig`` of ``train`` options, with the method's learning rate and
+        the task's length where they are not set."""
+        from adapterkit.core import get_method
+        from adapterkit.tasks import get_task
+
+        config = TrainConfig.from_dict({**self.train, "output_dir": output_dir})
+        return resolve_defaults(config, get_method(self.method).default_lr,
+                                get_task(self.task).default_max_length)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share, shaped like the training loop's fingerprint."""
+        train = self.train_config(None).to_dict()
+        return {
+            "model": self.model, "task": self.task, "data": self.data, "eval_data": self.eval_data,
+            "columns": {"text": self.text_column, "label": self.label_column, "text_pair": self.text_pair_column},
+            "adapters": {self.adapter_name: self.adapter_config().to_dict()},
+            "train": {k: v for k, v in train.items() if k not in RESUMABLE_CHANGES},
+        }
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for ``config.yaml`` (re-usable with ``--config``)."""
@@ -177,13 +179,50 @@ def _output_dir(config: RunConfig) -> str:
     return str(Path(RUNS_DIR) / time.strftime("%Y%m%d-%H%M%S"))
 
 
+def read_run_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping in a YAML run file; syntax errors name the file, line and column."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TrainConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise TrainConfigError(f"--config {path}: cannot read it ({err})") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise TrainConfigError(f"--config {path}{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise TrainConfigError(f"--config {path}: expected a mapping of run options (model: ..., "
+                               f"train: {{...}}), found a {type(data).__name__}")
+    return data
+
+
+def _check_resume(config: RunConfig, folder: RunFolder) -> None:
+    """Refuse a resume whose settings differ from the run in ``folder`` (its ``config.yaml``)."""
+    saved_file = folder.final / "config.yaml"
+    if not saved_file.is_file():
+        return  # a run killed before it wrote its config; the loop's own check still applies
+    saved = RunConfig.resolve(saved_file)
+    old, new = saved.fingerprint(), config.fingerprint()
+    for key in ("model", "data", "eval_data"):
+        a, b = old.get(key), new.get(key)
+        if a is not None and b is not None and a != b and Path(a).resolve() == Path(b).resolve():
+            new[key] = a  # the same file named another way
+    check_same_run(old, new, str(folder.final))
+
+
 def run(config: RunConfig) -> RunResult:
     """Train an adapter as ``config`` says and test it; everything lands in the run folder.
 
     The folder gets ``config.yaml`` (the resolved config), ``train_config.yaml``,
     ``metrics.jsonl``, ``tensorboard/``, ``training_curve.png``,
     ``checkpoints/``, ``adapter/`` and, with test data, ``test/metrics.json``
-    and ``test/confusion_matrix.png``.
+    and ``test/confusion_matrix.png``. A folder that holds a run is refused
+    unless ``train.resume`` (same settings) or ``train.overwrite`` is set;
+    both, and the folder being writable, are checked before anything loads.
     """
     from adapterkit.core import add_adapter, trainable_summary
 
@@ -192,25 +231,31 @@ def run(config: RunConfig) -> RunResult:
     config = dataclasses.replace(config, output=output_dir)
     train_config = config.train_config(output_dir)
     adapter_config = config.adapter_config()
-    train_data, eval_data, test_data = load_run_data(config)
-    # Seed before the new head and the adapter are initialised, so that the
-    # same config gives the same weights in every process.
-    seed_everything(train_config.seed)
-    model, tokenizer = load_model(config.model, task=config.task, labels=train_data.labels)
-    add_adapter(model, config.adapter_name, adapter_config)
-    trainable = trainable_summary(model)
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    resolved = {**config.to_dict(), "adapter": adapter_config.to_dict(), "train": train_config.to_dict()}
-    (Path(output_dir) / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    folder = RunFolder.prepare(output_dir, resume=train_config.resume, overwrite=train_config.overwrite)
+    if folder.resume:
+        _check_resume(config, folder)
+    try:
+        train_data, eval_data, test_data = load_run_data(config)
+        # Seed before the new head and the adapter are initialised, so that the
+        # same config gives the same weights in every process.
+        seed_everything(train_config.seed)
+        model, tokenizer = load_model(config.model, task=config.task, labels=train_data.labels)
+        add_adapter(model, config.adapter_name, adapter_config)
+        trainable = trainable_summary(model)
+        resolved = {**config.to_dict(), "adapter": adapter_config.to_dict(), "train": train_config.to_dict()}
+        write_text_atomically(folder.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+    except BaseException:
+        folder.discard()
+        raise
 
-    result = train(model, tokenizer, train_data, eval_data, train_config)
+    result = train(model, tokenizer, train_data, eval_data, train_config, run_folder=folder)
     test_metrics: dict[str, Any] = {}
     if test_data is not None:
         test_metrics = evaluate(model, tokenizer, test_data, max_length=train_config.max_length,
                                 batch_size=train_config.eval_batch_size,
-                                output_dir=Path(output_dir) / "test")
+                                output_dir=folder.path / "test")
         result.adapter_dir = save_run_adapter(
-            model, Path(output_dir) / "adapter", train_data, train_config, result,
+            model, folder.path / "adapter", train_data, train_config, result,
             extra={"metrics": {"test": scalar_metrics(test_metrics)}})
-    return RunResult(output_dir, result.adapter_dir, result, test_metrics, trainable,
+    return RunResult(str(folder.final), result.adapter_dir, result, test_metrics, trainable,
                      time.perf_counter() - started)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from adapterkit.core.atomic import write_text_atomically
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
@@ -30,17 +32,26 @@ class MetricsLog:
             return
         if resume_step is not None and self.path.exists():
             kept = [r for r in self._read() if r["step"] <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
         elif self.path.exists():
             self.path.unlink()
-        from torch.utils.tensorboard import SummaryWriter  # slow import; only when writing
+        from torch.utils.tensorboard import (
+            SummaryWriter,  # slow import; only when writing
+        )
 
         self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=resume_step)
 
     def _read(self) -> list[dict[str, Any]]:
+        """The records on disk; a last line cut short by a crash mid-write is dropped."""
         assert self.path is not None
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
 
     def log(self, split: str, step: int, values: dict[str, Any]) -> None:
         """Record ``values`` (scalars only are kept) for ``split`` at ``step``."""

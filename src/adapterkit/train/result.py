@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
 
@@ -14,6 +15,9 @@ from adapterkit.models.loading import model_source
 from adapterkit.train.checkpoint import LoopState, find_checkpoint
 from adapterkit.train.config import TrainConfig
 from adapterkit.train.records import scalar_metrics
+
+if TYPE_CHECKING:
+    from adapterkit.train.run_folder import RunFolder
 
 
 @dataclass
@@ -51,19 +55,21 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """The training loss became NaN or infinite; the run stopped before stepping on it."""
 
     @classmethod
-    def at(cls, value: float, state: LoopState, checkpoints: Path | None) -> "NonFiniteLossError":
-        """The error for a loss of ``value`` during step ``state.step + 1``."""
-        kept = find_checkpoint(checkpoints / "last") if checkpoints else None
-        if kept is not None:
-            import json
-
+    def at(cls, value: float, state: LoopState, folder: "RunFolder | None") -> "NonFiniteLossError":
+        """The error for a loss of ``value`` during step ``state.step + 1`` of the run in ``folder``."""
+        kept = find_checkpoint(folder.path / "checkpoints" / "last") if folder else None
+        if folder is not None and folder.staging:
+            where = (f"nothing of this run is kept, and the earlier run in {folder.final} is untouched "
+                     "(--overwrite replaces it only once the new run has written its first checkpoint)")
+        elif kept is not None:
             step = json.loads((kept / "state.json").read_text())["loop"]["step"]
-            where = f"the last good checkpoint (step {step}) is kept in {kept}; resume from it with --resume"
+            where = (f"this run's last good checkpoint (step {step}) is kept in {kept}; "
+                     f"continue from it with --resume --output {folder.final if folder else ''}")
         else:
-            where = "no checkpoint had been written yet"
+            where = "this run had written no checkpoint yet"
         return cls(
             f"training loss became {value} at step {state.step + 1} (epoch {state.epoch + 1}); "
-            f"stopped without applying it. {where}. Try a lower learning rate, "
+            f"stopped without applying it; {where}. Try a lower learning rate, "
             "gradient clipping (max_grad_norm), or turning bf16 off."
         )
 
