@@ -73,6 +73,33 @@ def fingerprint(model: nn.Module, name: str) -> dict[str, Any]:
     }
 
 
+# fingerprint field -> the JSON type its value has (None is always allowed)
+FINGERPRINT_TYPES: dict[str, tuple[type, str]] = {
+    "model_type": (str, "a string"),
+    "architecture": (str, "a class name"),
+    "hidden_size": (int, "an integer"),
+    "num_layers": (int, "an integer"),
+    "vocab_size": (int, "an integer"),
+    "name_or_path": (str, "a string"),
+    "touched_parameters": (int, "an integer"),
+    "touched_sha256": (str, "a hex digest"),
+}
+
+
+def fingerprint_problem(saved: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a saved fingerprint's fields, or None when all fit.
+
+    A field of the wrong type would make the load checks compare unlike
+    values (``"32"`` against 32) and report a base-model difference that is
+    not there.
+    """
+    for field, (kind, words) in FINGERPRINT_TYPES.items():
+        value = saved.get(field)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"field {field!r} should be {words}, found {value!r}"
+    return None
+
+
 def check_summary(saved: dict[str, Any], model: nn.Module, where: str) -> None:
     """Refuse ``model`` when its family or main sizes differ from the ``saved`` fingerprint.
 
