@@ -40,19 +40,29 @@ def _size(n: int) -> str:
 
 
 def format_adapter_info(info: dict[str, Any]) -> str:
-    """``key: value`` lines for ``adapter_info``'s summary."""
+    """``key: value`` lines for ``adapter_info``'s summary.
+
+    Values the folder does not record show as ``-``; an ``unsupported`` note
+    (PEFT features adapterkit cannot load) gets its own line.
+    """
+    labels = info.get("labels")
+    shown_labels = ", ".join(map(str, labels)) if isinstance(labels, (list, tuple)) and labels else "-"
     lines = [
         f"adapter:          {info['folder']}",
-        f"method:           {info['method']}",
-        f"base model:       {info['base_model']}",
-        f"task:             {info['task']}",
-        f"labels:           {', '.join(map(str, info['labels'])) if info['labels'] else '-'}",
-        f"trainable params: {info['trainable_parameters']:,}",
-        f"weights file:     {_size(info['weights_bytes'])} (folder {_size(info['folder_bytes'])})",
+        f"method:           {info.get('method') or '-'}",
+        f"base model:       {info.get('base_model') or '-'}",
+        f"task:             {info.get('task') or '-'}",
+        f"labels:           {shown_labels}",
+        f"trainable params: {int(info.get('trainable_parameters') or 0):,}",
+        (f"weights file:     {_size(int(info.get('weights_bytes') or 0))} "
+         f"(folder {_size(int(info.get('folder_bytes') or 0))})"),
     ]
-    for split, values in (info.get("metrics") or {}).items():
+    if info.get("unsupported"):
+        lines.append(f"unsupported:      {info['unsupported']}")
+    metrics = info.get("metrics")
+    for split, values in (metrics.items() if isinstance(metrics, dict) else ()):
         if isinstance(values, dict):
             shown = ", ".join(f"{k} {v:.4f}" for k, v in values.items()
                               if isinstance(v, float) and k != "count")
-            lines.append(f"{split + ':':<18}{shown}")
+            lines.append(f"{str(split) + ':':<18}{shown}")
     return "\n".join(lines)

@@ -20,9 +20,14 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from adapterkit.errors import UserError
 from adapterkit.models.aliases import resolve_model_path
 
 log = logging.getLogger(__name__)
+
+
+class ModelArgumentError(UserError, ValueError):
+    """``load_model`` was asked for a task, labels or head size it cannot give."""
 
 # Which Hugging Face auto class builds the model for each task name.
 TASK_MODEL_CLASSES: dict[str, type] = {
@@ -61,9 +66,9 @@ def _label_kwargs(num_labels: int | None, labels: Sequence[str] | None) -> dict:
         return {} if num_labels is None else {"num_labels": num_labels, "ignore_mismatched_sizes": True}
     labels = [str(label) for label in labels]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"labels must be distinct, got {labels}")
+        raise ModelArgumentError(f"labels must be distinct, got {labels}")
     if num_labels is not None and num_labels != len(labels):
-        raise ValueError(
+        raise ModelArgumentError(
             f"num_labels={num_labels} but {len(labels)} labels were given: {labels}"
         )
     return {
@@ -86,8 +91,9 @@ def ensure_pad_token(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
-            raise ValueError(
-                "the tokenizer has no pad, end-of-sequence or unknown token to pad with"
+            raise ModelArgumentError(
+                "the tokenizer has no pad, end-of-sequence or unknown token to pad with; "
+                "give the model folder a tokenizer that has one"
             )
         tokenizer.pad_token = fallback
     if getattr(model.config, "pad_token_id", None) is None:
@@ -113,11 +119,11 @@ def load_model(
         ``model.adapterkit_source`` (``{"name": ..., "path": ..., "task": ...}``).
     """
     if task not in TASK_MODEL_CLASSES:
-        raise ValueError(
+        raise ModelArgumentError(
             f"unknown task {task!r}; expected one of {sorted(TASK_MODEL_CLASSES)}"
         )
     if (num_labels is not None or labels is not None) and task not in LABELLED_TASKS:
-        raise ValueError(f"task {task!r} has no label head; drop num_labels/labels")
+        raise ModelArgumentError(f"task {task!r} has no label head; drop num_labels/labels")
     path = resolve_model_path(name_or_path)
     kwargs = _label_kwargs(num_labels, labels)
     with _quiet_transformers():
