@@ -218,6 +218,7 @@ def _evaluate_and_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokeni
         best = (restored.best_weights, restored.best_metrics) if restored.best_weights is not None else None
         save_checkpoint(checkpoints / "last", model, optimizer, scheduler, state, rng, fingerprint, best)
         folder.commit()  # an --overwrite run replaces the earlier one from its first checkpoint on
+        log.relocate(folder.path)
     if state.stopped_early and config.progress:
         bar.write(f"early stop: no better eval {metric} for {state.evals_without_improvement} evaluations")
 

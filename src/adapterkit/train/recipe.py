@@ -123,7 +123,8 @@ class RunConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share, shaped like the training loop's fingerprint."""
-        train = self.train_config(None).to_dict()
+        plain = dataclasses.replace(self, train={**self.train, "resume": False, "overwrite": False})
+        train = plain.train_config(None).to_dict()
         return {
             "model": self.model, "task": self.task, "data": self.data, "eval_data": self.eval_data,
             "columns": {"text": self.text_column, "label": self.label_column, "text_pair": self.text_pair_column},
@@ -205,7 +206,12 @@ def _check_resume(config: RunConfig, folder: RunFolder) -> None:
     saved_file = folder.final / "config.yaml"
     if not saved_file.is_file():
         return  # a run killed before it wrote its config; the loop's own check still applies
+    from adapterkit.core import get_method
+
     saved = RunConfig.resolve(saved_file)
+    old_method, new_method = get_method(saved.method).name, get_method(config.method).name
+    if old_method != new_method:  # one line, not every option of both methods
+        check_same_run({"method": old_method}, {"method": new_method}, str(folder.final))
     old, new = saved.fingerprint(), config.fingerprint()
     for key in ("model", "data", "eval_data"):
         a, b = old.get(key), new.get(key)
@@ -230,10 +236,10 @@ def run(config: RunConfig) -> RunResult:
     output_dir = _output_dir(config)
     config = dataclasses.replace(config, output=output_dir)
     train_config = config.train_config(output_dir)
-    adapter_config = config.adapter_config()
     folder = RunFolder.prepare(output_dir, resume=train_config.resume, overwrite=train_config.overwrite)
     if folder.resume:
         _check_resume(config, folder)
+    adapter_config = config.adapter_config()
     try:
         train_data, eval_data, test_data = load_run_data(config)
         # Seed before the new head and the adapter are initialised, so that the

@@ -28,6 +28,7 @@ class MetricsLog:
         self.records: list[dict[str, Any]] = []
         self.path = run_dir / METRICS_FILE if run_dir else None
         self._writer = None
+        self._file = None
         if self.path is None:
             return
         if resume_step is not None and self.path.exists():
@@ -36,11 +37,22 @@ class MetricsLog:
             self.records = kept
         elif self.path.exists():
             self.path.unlink()
-        from torch.utils.tensorboard import (
-            SummaryWriter,  # slow import; only when writing
-        )
+        self._open(run_dir, purge_step=resume_step)
 
-        self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=resume_step)
+    def _open(self, run_dir: Path, purge_step: int | None = None) -> None:
+        """Open the JSONL file once for the whole run, and a TensorBoard writer."""
+        from torch.utils.tensorboard import SummaryWriter  # slow import; only when writing
+
+        self.path = run_dir / METRICS_FILE
+        self._file = self.path.open("a")
+        self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR), purge_step=purge_step)
+
+    def relocate(self, run_dir: Path) -> None:
+        """Keep writing in ``run_dir``, where the run folder was just moved (``--overwrite``)."""
+        if self.path is None or self.path.parent == run_dir:
+            return
+        self.close()
+        self._open(run_dir)
 
     def _read(self) -> list[dict[str, Any]]:
         """The records on disk; a last line cut short by a crash mid-write is dropped."""
@@ -57,16 +69,19 @@ class MetricsLog:
         """Record ``values`` (scalars only are kept) for ``split`` at ``step``."""
         record = {"split": split, "step": step, **scalar_metrics(values)}
         self.records.append(record)
-        if self.path is not None:
-            with self.path.open("a") as out:
-                out.write(json.dumps(record) + "\n")
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._writer is not None:
             for key, value in record.items():
                 if key not in ("split", "step"):
                     self._writer.add_scalar(f"{split}/{key}", value, step)
 
     def close(self) -> None:
-        """Flush TensorBoard."""
+        """Close the log file and flush TensorBoard."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
