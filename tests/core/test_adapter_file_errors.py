@@ -113,6 +113,7 @@ def test_rank_changed_only_in_adapter_config_is_refused(tmp_path: Path) -> None:
     for message in refused(folder):
         assert "adapter_config.json has r = 2" in message
         assert "adapterkit.json has config.rank = 4" in message
+        assert "the tensors say 4" in message and "lora_A.weight" in message
         assert "PEFT reads" in message and "delete adapterkit.json" in message
 
 

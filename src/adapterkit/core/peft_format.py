@@ -357,6 +357,23 @@ def tensor_evidence(config: AdapterConfig, shapes: Mapping[str, Sequence[int]]) 
     return None
 
 
+def tensor_value(field: str, shapes: Mapping[str, Sequence[int]]) -> tuple[int, str, tuple[int, ...]] | None:
+    """(value, tensor, shape): what the tensors show for config ``field``, where one tensor tells.
+
+    Known: ``rank`` (LoRA) and ``num_virtual_tokens`` (prompt and prefix
+    tuning; the rows of ``prompt_embeddings``). None for other fields.
+    """
+    for key in sorted(shapes):
+        shape = tuple(int(d) for d in shapes[key])
+        plain = plain_name(key)
+        rank = lora_rank(plain, shape) if field == "rank" else None
+        if rank is not None:
+            return rank, key, shape
+        if field == "num_virtual_tokens" and plain == "prompt_embeddings" and len(shape) == 2:
+            return shape[0], key, shape
+    return None
+
+
 def lora_rank(key: str, shape: Sequence[int]) -> int | None:
     """The rank a LoRA tensor's shape shows (``lora_A``: rows, ``lora_B``: columns), or None."""
     if len(shape) != 2:

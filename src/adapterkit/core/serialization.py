@@ -58,6 +58,7 @@ from adapterkit.core.peft_format import (
     task_for_task_type,
     task_type_for_class_name,
     tensor_evidence,
+    tensor_value,
     to_peft_names,
 )
 from adapterkit.core.registry import (
@@ -198,7 +199,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
     adapter_config, kit = _read_config_files(folder)
     raw = _read_tensors(folder)
     shapes = {key: tuple(tensor.shape) for key, tensor in raw.items()}
-    _check_files_agree(folder, adapter_config, kit)
+    _check_files_agree(folder, adapter_config, kit, shapes)
     method, config = _parse_config(folder, adapter_config, kit)
     _check_tensors_fit_config(folder, adapter_config, kit, config, shapes)
     saved_base = (kit or {}).get("fingerprint") or {}
@@ -288,7 +289,7 @@ def read_adapter_metadata(folder: str | os.PathLike[str]) -> dict[str, Any]:
     folder = Path(folder)
     adapter_config, kit = _read_config_files(folder)
     shapes = _read_shapes(folder)
-    _check_files_agree(folder, adapter_config, kit)
+    _check_files_agree(folder, adapter_config, kit, shapes)
     kit = kit or {}
     info: dict[str, Any] = {**adapter_config, **kit, "adapter_config": adapter_config}
     info["format"] = "adapterkit" if OUR_METHOD_KEY in adapter_config else "peft"
@@ -484,13 +485,26 @@ def _config_file_error(folder: Path, err: ConfigError) -> AdapterFileError:
     return AdapterFileError(f"{folder / getattr(err, 'file', CONFIG_FILE)}: {err}")
 
 
-def _check_files_agree(folder: Path, adapter_config: dict[str, Any], kit: dict[str, Any] | None) -> None:
-    """Refuse a folder whose adapter_config.json and adapterkit.json state a value differently."""
+def _check_files_agree(folder: Path, adapter_config: dict[str, Any], kit: dict[str, Any] | None,
+                       shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a folder whose adapter_config.json and adapterkit.json state a value differently.
+
+    Where the tensors show the value (a LoRA rank, a prompt length), the
+    message says so, which tells the user which file is right.
+    """
     found = disagreements(adapter_config, kit)
     if not found:
         return
-    said = "; ".join(f"{CONFIG_FILE} has {d.config_field} = {json.dumps(d.config_value)} but {KIT_FILE} "
-                     f"has {d.kit_field} = {json.dumps(d.kit_value)}" for d in found)
+    clauses = []
+    for d in found:
+        clause = (f"{CONFIG_FILE} has {d.config_field} = {json.dumps(d.config_value)} but {KIT_FILE} "
+                  f"has {d.kit_field} = {json.dumps(d.kit_value)}")
+        shown = tensor_value(d.kit_field.removeprefix("config."), shapes) if d.kit_field.startswith("config.") else None
+        if shown is not None:
+            value, tensor, shape = shown
+            clause += f" (the tensors say {value}: {tensor} in {WEIGHTS_FILE} has shape {shape})"
+        clauses.append(clause)
+    said = "; ".join(clauses)
     if OUR_METHOD_KEY in adapter_config:
         why = (f"{KIT_FILE} keeps a copy of the settings in {CONFIG_FILE}, so one of the two was changed "
                "on its own and the folder no longer says which adapter it holds; make both files say the same")
