@@ -88,13 +88,16 @@ def test_bottleneck_width_that_the_reduction_factor_cannot_give(tmp_path: Path) 
         assert "shape (8, 32)" in message and "gives 16" in message
 
 
-def test_prompt_length_that_differs_from_the_table(tmp_path: Path) -> None:
-    folder = saved(tmp_path / "a", ak.PromptTuningConfig(num_virtual_tokens=3))
+@pytest.mark.parametrize("config,shape", [(ak.PromptTuningConfig(num_virtual_tokens=3), "(3, 32)"),
+                                          (ak.PrefixTuningConfig(num_virtual_tokens=3), "(3, 128)")])
+def test_prompt_or_prefix_length_that_differs_from_the_table(tmp_path: Path, config: ak.AdapterConfig,
+                                                             shape: str) -> None:
+    folder = saved(tmp_path / "a", config)
     edit(folder / "adapterkit.json", lambda d: d["config"].update(num_virtual_tokens=5))
     edit(folder / "adapter_config.json", lambda d: d.update(num_virtual_tokens=5))
     for message in refused(folder):
         assert "num_virtual_tokens = 5" in message and "prompt_embeddings" in message
-        assert "shape (3, 32)" in message and "3 virtual tokens" in message
+        assert f"shape {shape}" in message and "3 virtual tokens" in message
 
 
 def test_a_real_head_size_difference_is_still_a_base_model_mismatch(tmp_path: Path) -> None:
