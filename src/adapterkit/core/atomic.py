@@ -76,7 +76,7 @@ def atomic_folder(dest: str | os.PathLike[str], owned: Collection[str] | None = 
     if dest.exists() and not dest.is_dir():
         raise NotADirectoryError(f"cannot save an adapter to {dest}: it exists and is not a folder")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
+    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # the writer's process id, see _abandoned
     tmp = dest.parent / f".{dest.name}{TMP_MARK}{token}"
     tmp.mkdir()
     try:
@@ -89,6 +89,26 @@ def atomic_folder(dest: str | os.PathLike[str], owned: Collection[str] | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for stale in leftovers(dest):  # what interrupted saves left; dest is newer and whole
+        if OLD_MARK in stale.name or _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _abandoned(tmp: Path) -> bool:
+    """True for a temporary folder whose writing process no longer runs (it was killed mid-save)."""
+    try:
+        pid = int(tmp.name.rsplit(TMP_MARK, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def _renameat2() -> "ctypes._CFuncPtr | None":

@@ -21,7 +21,6 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from adapterkit.core.atomic import interrupted_save
 from adapterkit.data.examples import TaskData
 from adapterkit.errors import ResumeError, UnknownNameError
 from adapterkit.evaluate.plots import plot_confusion_matrix
@@ -144,16 +143,15 @@ def _restore(folder: RunFolder, model: PreTrainedModel, optimizer: torch.optim.O
              scheduler: torch.optim.lr_scheduler.LRScheduler, fingerprint: dict) -> _Restored:
     """The last checkpoint's weights, optimizer, schedule, RNGs and best so far.
 
-    A run folder whose run wrote no checkpoint yet (killed early) starts from
-    the beginning, which is exactly where its run was.
+    A run folder whose run wrote no complete checkpoint yet (killed early, or
+    during its first save) starts from the beginning, which is exactly where
+    its run was.
     """
     checkpoints = folder.path / "checkpoints"
     found = find_checkpoint(checkpoints / "last")
-    if found is None:
-        hint = interrupted_save(checkpoints / "last")
-        if hint:
-            raise ResumeError(f"--resume: {checkpoints / 'last'} is missing: {hint}")
-        warnings.warn(f"--resume: {folder.path} has no checkpoint yet; the run starts from step 0", stacklevel=3)
+    if found is None:  # killed before its first checkpoint was complete
+        warnings.warn(f"--resume: {folder.path} has no complete checkpoint yet; the run starts from step 0",
+                      stacklevel=3)
         return _Restored(LoopState())
     restored = _Restored(load_checkpoint(found, model, optimizer, scheduler, fingerprint))
     best = read_best(found)
