@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import re
+
 from adapterkit.errors import UserError
+
+_LINE_BREAKS = re.compile(r"\s*[\r\n]+\s*")
 
 
 class DataError(UserError, ValueError):
     """Input data that cannot be used, with where and what went wrong.
+
+    The message is one paragraph, ``"<source>, <where>: <problem>"``: line
+    breaks in ``problem`` (such as those in a parser's own message) become
+    spaces, so it prints as one line.
 
     Attributes:
         source: the file (or object description) the data came from.
@@ -17,6 +25,6 @@ class DataError(UserError, ValueError):
     def __init__(self, source: str, problem: str, where: str | None = None) -> None:
         self.source = source
         self.where = where
-        self.problem = problem
+        self.problem = _LINE_BREAKS.sub(" ", problem.strip())
         location = f"{source}, {where}" if where else source
-        super().__init__(f"{location}: {problem}")
+        super().__init__(f"{location}: {self.problem}")

@@ -34,7 +34,7 @@ from adapterkit.data.examples import TaskData
 from adapterkit.data.parallel import is_parallel_path, language_name, read_parallel
 from adapterkit.data.sources import read_text
 from adapterkit.data.tables import Table, read_table
-from adapterkit.data.values import first_missing, kind, preview, text_value
+from adapterkit.data.values import first_missing, is_missing, kind, preview, text_value
 
 TASK = "causal-lm"
 ROLES = ("system", "user", "assistant")
@@ -60,6 +60,9 @@ def _text(value: Any, table: Table, i: int, column: str) -> str | None:
 def _chat_turns(value: Any, table: Table, i: int, column: str) -> list[dict[str, str]]:
     if hasattr(value, "tolist") and not isinstance(value, str):  # a list cell read from Parquet
         value = value.tolist()
+    if is_missing(value):
+        raise DataError(table.source, f"missing value in column {column!r}; expected a non-empty list of "
+                        '{"role", "content"} messages', where=table.where(i))
     if not isinstance(value, (list, tuple)) or not value:
         raise DataError(table.source, f"expected a non-empty list of {{\"role\", \"content\"}} messages "
                         f"in column {column!r}, found {kind(value)} {preview(value)}", where=table.where(i))

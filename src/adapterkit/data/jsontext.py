@@ -9,11 +9,50 @@ lines are skipped) and its records are named by their file line.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from adapterkit.data.errors import DataError
 from adapterkit.data.sources import line_at, split_lines
 from adapterkit.data.values import kind
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# An escape that may decode to a surrogate; without one in the text there is nothing to look for.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first unpaired surrogate in any string (or key) of parsed JSON ``value``, if any."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            match = _SURROGATE.search(item)
+            if match:
+                return match.group()
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
+def _check_unicode(value: Any, text: str, source: str, line: int | None) -> None:
+    """A ``DataError`` for a ``\\udxxx`` escape without its other half: not a character, and no
+    UTF-8 text (nor pandas, nor Arrow) can hold it."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return
+    bad = _lone_surrogate(value)
+    if bad is None:
+        return
+    escape = f"\\u{ord(bad):04x}"
+    if line is None:
+        at = text.lower().find(escape)
+        line = line_at(text, at) if at >= 0 else None
+    raise DataError(source, f"expected text of valid characters, found the escape {escape}, half of a "
+                    "UTF-16 surrogate pair without its other half", where=f"line {line}" if line else None)
 
 
 def _column(text: str, pos: int) -> int:
@@ -30,7 +69,7 @@ def loads(text: str, source: str, line: int | None = None) -> Any:
     first = 1 if line is None else line
     where = None if line is None else f"line {line}"
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         found = text[err.pos : err.pos + 12]
         found = f"found {found!r} at column {_column(text, err.pos)}" if found else "found the end of the text"
@@ -42,6 +81,8 @@ def loads(text: str, source: str, line: int | None = None) -> Any:
     except ValueError as err:  # e.g. an integer with more digits than Python converts
         raise DataError(source, f"invalid JSON: expected values Python can read, found: {err}",
                         where=where) from None
+    _check_unicode(value, text, source, line)
+    return value
 
 
 def check_objects(records: list[Any], source: str, where: list[str]) -> list[dict[str, Any]]:

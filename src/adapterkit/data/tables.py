@@ -83,6 +83,9 @@ def _read_parquet(raw: bytes, source: str) -> Table:
         frame = pq.read_table(io.BytesIO(raw)).to_pandas(ignore_metadata=True)
     except (pa.ArrowException, OSError) as err:
         raise DataError(source, f"expected a Parquet file, found data pyarrow cannot read: {err}") from None
+    except UnicodeDecodeError as err:  # a column name or string that is not UTF-8
+        raise DataError(source, f"expected UTF-8 names and strings in the Parquet file, found the bytes "
+                        f"{err.object[err.start:err.start + 4]!r}, which are not valid UTF-8") from None
     index = [c for c in frame.columns if _INDEX_COLUMN.fullmatch(str(c))]
     return Table(frame.drop(columns=index), source)
 
