@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -118,7 +119,7 @@ def test_resume_with_changed_adapter_options_in_the_config_is_refused(finished, 
     argv = [changed.as_posix() if a == str(root / "run.yaml") else a for a in base]
     code, _, err = train_cli(capsys, argv + ["--output", str(run), "--resume"])
     assert code == 2
-    assert "adapter 'default' alpha: 8 -> 64" in err and "adapter 'default' dropout: 0.05 -> 0.2" in err
+    assert "adapter 'default' alpha: 8 -> 64" in err and "adapter 'default' dropout: 0.0 -> 0.2" in err
     assert snapshot(run) == before
 
 
@@ -206,3 +207,32 @@ def test_metrics_survive_a_resume_without_duplicates(finished, capsys):
     root, base, run, before = finished
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 4, 6]
+
+
+def test_an_adapter_save_interrupted_between_its_renames_is_pointed_at(finished, capsys):
+    root, base, run, before = finished
+    aside = run / ".adapter.old-4242-deadbeef"
+    (run / "adapter").rename(aside)  # what a crash between the two renames of a save leaves
+    for argv in (["info", str(run / "adapter")], ["predict", "--adapter", str(run / "adapter"), "good film"],
+                 ["evaluate", "--adapter", str(run / "adapter"), "--data", str(root / "train.csv")]):
+        code, _, err = train_cli(capsys, argv)
+        assert code == 2 and "Traceback" not in err, argv
+        assert f"no adapter at {run / 'adapter'}" in err and str(aside) in err and "mv " in err, argv
+    aside.rename(run / "adapter")  # following the advice gives the complete adapter back
+    code, out, _ = train_cli(capsys, ["info", str(run / "adapter")])
+    assert code == 0 and "lora" in out
+
+
+def test_output_into_a_closed_pipe_ends_quietly(finished, tmp_path):
+    root, base, run, before = finished
+    texts = tmp_path / "texts.txt"
+    texts.write_text("good film\n" * 20000)  # far more than a pipe buffer holds
+    script = tmp_path / "pipe.sh"
+    for command in (f"predict --adapter {run / 'adapter'} --file {texts}", f"info {run / 'adapter'}"):
+        script.write_text(f"set -o pipefail\n{Path(sys.executable).parent / 'adapterkit'} {command} "
+                          f"2> {tmp_path / 'err.txt'} | head -n 1 > {tmp_path / 'out.txt'}\n")
+        done = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+        err = (tmp_path / "err.txt").read_text()
+        assert "Traceback" not in err and "BrokenPipeError" not in err, (command, err)
+        assert done.returncode == 0, (command, err)
+        assert len((tmp_path / "out.txt").read_text().splitlines()) == 1

@@ -40,7 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser("adapterkit", "Adapter fine-tuning of pretrained transformers.", COMMANDS)
     args = parser.parse_args(argv)
     try:
-        return call(args)
+        code = call(args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a warning at exit
+        return code
     except KeyboardInterrupt:
         print("adapterkit: interrupted; continue a training run with --resume --output RUN", file=sys.stderr)
         return 130

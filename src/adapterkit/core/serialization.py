@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 
-from adapterkit.core.atomic import atomic_folder
+from adapterkit.core.atomic import atomic_folder, interrupted_save
 from adapterkit.core.config import AdapterConfig, ConfigError
 from adapterkit.core.fingerprint import (
     BaseModelMismatchError,
@@ -383,10 +383,8 @@ def _check_folder(folder: Path) -> None:
             f"{folder} is a file, not a folder: an adapter is a folder holding {CONFIG_FILE} and "
             f"{WEIGHTS_FILE} (and adapterkit's {KIT_FILE}){hint}")
     # a save interrupted mid-swap (a crash, not an exception) leaves the adapters beside it
-    leftovers = folder.parent.glob(f".{folder.name}.*-*") if folder.parent.is_dir() else []
-    aside = sorted(str(p) for p in leftovers if p.is_dir())
-    hint = f"; an interrupted save left {aside}: rename the complete one to {folder.name}" if aside else ""
-    raise MissingAdapterFileError(f"no adapter at {folder}: the path does not exist{hint}")
+    hint = interrupted_save(folder)
+    raise MissingAdapterFileError(f"no adapter at {folder}: the path does not exist" + (f"; {hint}" if hint else ""))
 
 
 def _read_json(path: Path, required: bool) -> dict[str, Any] | None:

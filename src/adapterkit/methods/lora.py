@@ -43,7 +43,7 @@ class LoraConfig(AdapterConfig):
 
     rank: int = 8
     alpha: float = 16
-    dropout: float = 0.05
+    dropout: float = 0.0
     targets: list[str] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False

@@ -93,7 +93,7 @@ class TrainConfig:
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr: float | None = None
-    head_lr: float | None = 2e-3
+    head_lr: float | None = None
     weight_decay: float = 0.01
     scheduler: SchedulerName = "linear"
     warmup_ratio: float = 0.06

@@ -38,8 +38,10 @@ def run_fingerprint(model: nn.Module, task: str, config: TrainConfig, features: 
                     eval_features: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
     """Plain data naming everything the training loop's result depends on."""
     from adapterkit.core import active_adapters, get_adapter_config
+    from adapterkit.core.fingerprint import model_summary
 
     fingerprint = {
+        "base_model": model_summary(model),
         "task": task,
         "adapters": {name: get_adapter_config(model, name).to_dict() for name in active_adapters(model)},
         "train": {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES},
