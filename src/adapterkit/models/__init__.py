@@ -1,6 +1,11 @@
 """Finding and loading base models: aliases of packaged models and local folders."""
 
-from adapterkit.models.adapters import adapter_info, adapter_metadata, base_model_of, load_with_adapter
+from adapterkit.models.adapters import (
+    adapter_info,
+    adapter_metadata,
+    base_model_of,
+    load_with_adapter,
+)
 from adapterkit.models.aliases import (
     ALIASES,
     ModelAlias,
