@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import adapterkit as ak
 from tests.tiny_models import build_tiny, output_tensor
+from tests.tolerances import assert_close_scaled, forward_ops
 
 
 def _mlp() -> nn.Module:
@@ -17,15 +18,22 @@ def _mlp() -> nn.Module:
 
 def test_plain_module_lora_matches_hand_computation() -> None:
     model = _mlp()
-    config = ak.LoraConfig(rank=2, alpha=4, targets=["0"])
+    config = ak.LoraConfig(rank=2, alpha=4, dropout=0.0, targets=["0"])  # the module is in training mode
     ak.add_adapter(model, "a", config)
     layer = model[0]
     with torch.no_grad():
         layer.lora_B["a"].weight.normal_()
     x = torch.randn(5, 6)
     base = layer.base_layer
-    expected_hidden = x @ base.weight.T + base.bias + 2.0 * (x @ layer.lora_A["a"].weight.T @ layer.lora_B["a"].weight.T)
-    torch.testing.assert_close(layer(x), expected_hidden)
+    got = layer(x)
+    with torch.no_grad():
+        w, b = base.weight.double(), base.bias.double()
+        a, up = layer.lora_A["a"].weight.double(), layer.lora_B["a"].weight.double()
+        x64 = x.double()  # the reference in float64: the float32 layer's rounding is all that differs
+        expected_hidden = x64 @ w.T + b + 2.0 * (x64 @ a.T @ up.T)
+        magnitude = (x64.abs() @ w.abs().T + b.abs() + 2.0 * (x64.abs() @ a.abs().T @ up.abs().T)).max()
+    # reductions over in_features (6) then rank (2), and three additions
+    assert_close_scaled(got, expected_hidden, ops=6 + 2 + 3, scale=float(magnitude))
 
 
 def test_rslora_scaling() -> None:
@@ -68,6 +76,7 @@ def test_each_adapter_has_its_own_head() -> None:
 
 def test_route_gives_each_example_its_adapter() -> None:
     model, inputs = build_tiny("llama")
+    model.double()  # routed and one-at-a-time runs are the same algebra: compare in float64
     for name, seed in (("a", 1), ("b", 2)):
         ak.add_adapter(model, name, ak.LoraConfig(rank=2))
         gen = torch.Generator().manual_seed(seed)
@@ -87,7 +96,7 @@ def test_route_gives_each_example_its_adapter() -> None:
         routed = output_tensor(model, inputs)
     mask = inputs["attention_mask"].bool()
     for row in range(2):
-        torch.testing.assert_close(routed[row][mask[row]], expected[row][0][mask[row]], rtol=0, atol=1e-5)
+        assert_close_scaled(routed[row][mask[row]], expected[row][0][mask[row]], ops=forward_ops(model))
     with pytest.raises(ValueError, match="one name"):
         with ak.route(model, ["a"]):
             output_tensor(model, inputs)
@@ -105,6 +114,7 @@ def test_merge_refused_while_routing_and_merged_twice() -> None:
 
 def test_route_with_mixed_ranks_matches_single_adapter_runs() -> None:
     model, inputs = build_tiny("gpt2")
+    model.double()
     names = ["r2", "r4", "r3"]
     for rank, name in zip((2, 4, 3), names):
         ak.add_adapter(model, name, ak.LoraConfig(rank=rank, alpha=rank * 2))
@@ -120,14 +130,15 @@ def test_route_with_mixed_ranks_matches_single_adapter_runs() -> None:
         routed = output_tensor(model, batch)
     mask = batch["attention_mask"].bool()
     for row in range(3):
-        torch.testing.assert_close(routed[row][mask[row]], expected[row][mask[row]], rtol=0, atol=1e-5)
+        assert_close_scaled(routed[row][mask[row]], expected[row][mask[row]], ops=forward_ops(model))
     with torch.enable_grad(), ak.route(model, names):  # with gradients on, the same numbers
-        torch.testing.assert_close(model(**batch).logits.detach(), routed, rtol=0, atol=1e-6)
+        assert_close_scaled(model(**batch).logits.detach(), routed, ops=forward_ops(model))
 
 
 def test_route_sees_weights_changed_in_place_between_calls() -> None:
     """Routed weight stacks are cached, but an in-place update must never serve stale weights."""
     model, inputs = build_tiny("gpt2")
+    model.double()
     for name in ("a", "b"):
         ak.add_adapter(model, name, ak.LoraConfig(rank=2))
         with torch.no_grad():
@@ -147,7 +158,7 @@ def test_route_sees_weights_changed_in_place_between_calls() -> None:
         after = output_tensor(model, inputs)
     assert not torch.allclose(before[1][mask[1]], after[1][mask[1]])
     torch.testing.assert_close(after[0], before[0], rtol=0, atol=0)  # row "a" untouched
-    torch.testing.assert_close(after[1][mask[1]], single(1, "b")[mask[1]], rtol=0, atol=1e-5)
+    assert_close_scaled(after[1][mask[1]], single(1, "b")[mask[1]], ops=forward_ops(model))
 
 
 def test_adapter_added_in_eval_mode_applies_no_dropout() -> None:
