@@ -114,9 +114,10 @@ def test_run_folder_contents(folder, toy, tmp_path):
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "confusion_matrix.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The file records the run as it ran: the task's default length filled in.
+    # The file records the run as it ran: the length the task chose for this data filled in.
     saved = TrainConfig.from_dict(yaml.safe_load((run / "train_config.yaml").read_text()))
-    assert saved == dataclasses.replace(config, max_length=get_task("classification").default_max_length)
+    chosen = get_task("classification").default_lengths(toy[0], tokenizer, model)["max_length"]
+    assert saved == dataclasses.replace(config, max_length=chosen)
     # the model ends with the best checkpoint's weights, which is also on disk
     best = load_file(str(run / "checkpoints" / "best" / "trainable.safetensors"))
     assert all(torch.equal(best[n], p) for n, p in _trainable(model).items())

@@ -42,6 +42,7 @@ def train(
     batch_size: int | None = None,
     lr: float | None = None,
     max_length: int | None = None,
+    max_target_length: int | None = None,
     packing: bool = False,
     output: str | None = None,
     seed: int | None = None,
@@ -67,7 +68,10 @@ def train(
         max_steps: optimizer steps (overrides epochs).
         batch_size: examples per step.
         lr: peak learning rate of the adapter.
-        max_length: longest input in tokens (question answering: window length).
+        max_length: longest input in tokens (default: the task's: 99% of the training examples for
+            classification and NER, which window longer ones; QA windows of 384; causal-lm the model's
+            context up to 1024; seq2seq sources).
+        max_target_length: seq2seq: longest target in tokens (default: 99% of the training targets).
         packing: causal-lm: pack short examples into rows of --max-length tokens (no attention across them).
         output: run folder (default runs/<date-time>); the adapter lands in OUTPUT/adapter.
         seed: random seed.
@@ -81,7 +85,7 @@ def train(
         config, model=model, task=task, data=data, eval_data=eval_data, test_data=test_data,
         text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        max_length=max_length, packing=packing or None, output=output, seed=seed, resume=resume or None,
+        max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output, seed=seed, resume=resume or None,
         overwrite=overwrite or None)
     result = run(run_config)
     summary = {

@@ -22,6 +22,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
+from adapterkit.tasks import lengths
 from adapterkit.errors import UnsupportedError, UsageError
 
 Feature = dict[str, Any]
@@ -72,12 +73,13 @@ class Task(ABC):
     Class attributes:
         name: the task name used on the command line and in adapter metadata.
         default_metric: the metric that picks the best checkpoint by default.
-        default_max_length: the input length in tokens a run uses when it sets none.
+        scored_units: what truncation must not cut for the metrics to stay
+            comparable (a causal LM's response tokens); see ``tasks/lengths.py``.
     """
 
     name: ClassVar[str]
     default_metric: ClassVar[str]
-    default_max_length: ClassVar[int] = 64
+    scored_units: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def encode(
@@ -146,6 +148,30 @@ class Task(ABC):
     def from_texts(self, texts: Sequence[str], labels: Sequence[str] | None) -> TaskData:
         """Unlabelled examples from raw input strings (what ``predict`` receives)."""
         raise UnsupportedError(f"task {self.name!r} cannot build examples from plain texts")
+
+    # --- lengths -------------------------------------------------------------
+    def input_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Each example's model input in tokens, untruncated (special tokens included)."""
+        raise UnsupportedError(f"task {self.name!r} does not measure its inputs")
+
+    def default_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase,
+                        model: PreTrainedModel | None) -> dict[str, int]:
+        """The length settings a run uses when it sets none (``{"max_length": ...}``; seq2seq
+        adds ``max_target_length``). By default: the length that fits 99% of ``data``'s
+        examples (a seeded sample of large data), up to the model's limit."""
+        sample = TaskData(data.task, lengths.sample(data.examples), data.labels, data.source, dict(data.columns))
+        limit = lengths.model_limit(model, tokenizer)
+        return {"max_length": lengths.covering_length(self.input_lengths(sample, tokenizer), limit)}
+
+    def truncation(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   **options: Any) -> list[lengths.Truncation]:
+        """What encoding ``data`` at ``max_length`` cuts; tasks that window their inputs cut nothing."""
+        full = self.input_lengths(data, tokenizer)
+        return [lengths.truncation_of(full, [min(n, max_length) for n in full], "tokens", max_length)]
+
+    def encode_options(self, config: Any) -> dict[str, Any]:
+        """Extra ``encode`` keywords this task takes from a ``TrainConfig`` (seq2seq: the target length)."""
+        return {}
 
     @staticmethod
     def length(feature: Feature) -> int:

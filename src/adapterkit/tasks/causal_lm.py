@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.data.examples import TaskData
 from adapterkit.data.instructions import instructions_from_texts
 from adapterkit.errors import UsageError
-from adapterkit.tasks import chat_format
+from adapterkit.tasks import chat_format, lengths
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.generation import (
     DEFAULT_MAX_NEW_TOKENS,
@@ -42,6 +42,8 @@ IGNORE = -100
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "position_ids")
 # Generation budget when scoring: the reference reply's length times this, plus a margin.
 BUDGET_FACTOR, BUDGET_MARGIN, BUDGET_MAX = 1.5, 16, 512
+# Longest default context: the model's own, up to this many tokens.
+CONTEXT_CAP = 1024
 # Most logits (rows x positions x vocabulary) computed at once when scoring: 512 MB of float32.
 LOGITS_BUDGET = 2**27
 
@@ -81,19 +83,44 @@ class CausalLMTask(Task):
 
     name = "causal-lm"
     default_metric = "perplexity"
+    scored_units = ("response tokens",)
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
         self.generation = generation or GenerationOptions()
         self._tokenizer: PreTrainedTokenizerBase | None = None  # set by encode/collate, for decoding
 
+    @staticmethod
+    def _prompt_and_reply(example: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+        """The example's prompt and reply token ids, untruncated."""
+        prompt = chat_format.prompt_ids(tokenizer, example["messages"])
+        response = example.get("response")
+        reply = chat_format.reply_ids(tokenizer, example["messages"], response) if response is not None else []
+        return prompt, reply
+
+    def input_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        return [len(p) + len(r) for p, r in (self._prompt_and_reply(e, tokenizer) for e in data.examples)]
+
+    def default_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase,
+                        model: PreTrainedModel | None) -> dict[str, int]:
+        """The model's context, up to ``CONTEXT_CAP`` tokens (``--packing`` makes short examples cheap)."""
+        return {"max_length": min(CONTEXT_CAP, lengths.model_limit(model, tokenizer))}
+
+    def truncation(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   **options: Any) -> list[lengths.Truncation]:
+        """The response tokens cut at ``max_length`` (the prompt gives way first, see ``_truncate``)."""
+        full, kept = [], []
+        for example in data.examples:
+            prompt, reply = self._prompt_and_reply(example, tokenizer)
+            full.append(len(reply))
+            kept.append(len(_truncate(prompt, reply, max_length)[1]))
+        return [lengths.truncation_of(full, kept, "response tokens", max_length)]
+
     def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
         self._tokenizer = tokenizer
         features = []
         for i, example in enumerate(data.examples):
-            prompt = chat_format.prompt_ids(tokenizer, example["messages"])
             response = example.get("response")
-            reply = chat_format.reply_ids(tokenizer, example["messages"], response) if response is not None else []
-            prompt, reply = _truncate(prompt, reply, max_length)
+            prompt, reply = _truncate(*self._prompt_and_reply(example, tokenizer), max_length)
             scored = example.get("answer") is not None or example.get("reference") is not None
             budget = self.generation.max_new_tokens or (
                 min(int(len(reply) * BUDGET_FACTOR) + BUDGET_MARGIN, BUDGET_MAX) if reply else DEFAULT_MAX_NEW_TOKENS)

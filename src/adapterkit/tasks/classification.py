@@ -13,6 +13,7 @@ from adapterkit.data.classification import classification_from_texts
 from adapterkit.data.errors import DataError
 from adapterkit.data.examples import TaskData
 from adapterkit.errors import UsageError
+from adapterkit.tasks import lengths
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.metrics import classification_metrics, mean_cross_entropy
 from adapterkit.tasks.registry import register_task
@@ -37,9 +38,20 @@ class ClassificationTask(Task):
     name = "classification"
     default_metric = "accuracy"
 
-    def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
+    @staticmethod
+    def _texts(data: TaskData) -> tuple[list[str], list[str] | None]:
         texts = [e["text"] for e in data.examples]
         pairs = [e["text_pair"] for e in data.examples] if data.examples and "text_pair" in data.examples[0] else None
+        return texts, pairs
+
+    def input_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        if not data.examples:
+            return []
+        with lengths.quiet_length_warning(tokenizer):
+            return [len(ids) for ids in tokenizer(*self._texts(data), truncation=False)["input_ids"]]
+
+    def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
+        texts, pairs = self._texts(data)
         # Truncate only; padding happens per batch in ``collate``.
         encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
         features: list[Feature] = []

@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.data.examples import TaskData
 from adapterkit.data.squad import qa_from_pairs
 from adapterkit.errors import UsageError
+from adapterkit.tasks import lengths
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.qa_metrics import squad_scores
 from adapterkit.tasks.qa_spans import best_span_over_windows
@@ -65,6 +66,9 @@ def answer_positions(offsets: Sequence[tuple[int, int] | None], start_char: int,
     return start, end
 
 
+QA_MAX_LENGTH = 384  # tokens per window, as the SQuAD fine-tuning recipes use
+
+
 @register_task
 class QuestionAnsweringTask(Task):
     """Find the answer to a question as a span of its context.
@@ -83,6 +87,16 @@ class QuestionAnsweringTask(Task):
         self.stride = stride
         self.max_answer_length = max_answer_length
         self.n_best = n_best
+
+    def default_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase,
+                        model: PreTrainedModel | None) -> dict[str, int]:
+        """384-token windows (the SQuAD recipes' length; the stride is 128), up to the model's limit."""
+        return {"max_length": min(QA_MAX_LENGTH, lengths.model_limit(model, tokenizer))}
+
+    def truncation(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   **options: Any) -> list[lengths.Truncation]:
+        """Nothing: long contexts become several windows."""
+        return []
 
     def _window_stride(self, max_length: int) -> int:
         return min(self.stride, max_length // 2)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.data.examples import TaskData
 from adapterkit.data.seq2seq import seq2seq_from_texts
 from adapterkit.errors import UsageError
+from adapterkit.tasks import lengths
 from adapterkit.tasks.base import Feature, Task
 from adapterkit.tasks.causal_lm import IGNORE, LOGITS_BUDGET, Generation
 from adapterkit.tasks.generation import (
@@ -38,17 +39,54 @@ class Seq2SeqTask(Task):
 
     name = "seq2seq"
     default_metric = "bleu"
+    scored_units = ("target tokens",)
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
         self.generation = generation or GenerationOptions()
         self._tokenizer: PreTrainedTokenizerBase | None = None  # set by encode/collate, for decoding
 
-    def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
+    def _lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+        """Untruncated source and (where there is one) target lengths in tokens."""
+        with lengths.quiet_length_warning(tokenizer):
+            sources = [len(i) for i in tokenizer([e["source"] for e in data.examples])["input_ids"]] \
+                if data.examples else []
+            labelled = [e["target"] for e in data.examples if e.get("target") is not None]
+            targets = [len(i) for i in tokenizer(text_target=labelled)["input_ids"]] if labelled else []
+        return sources, targets
+
+    def input_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        return self._lengths(data, tokenizer)[0]
+
+    def default_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase,
+                        model: PreTrainedModel | None) -> dict[str, int]:
+        """Source and target lengths that fit 99% of the examples, up to the model's limit."""
+        sample = TaskData(data.task, lengths.sample(data.examples), data.labels, data.source, dict(data.columns))
+        sources, targets = self._lengths(sample, tokenizer)
+        limit = lengths.model_limit(model, tokenizer)
+        return {"max_length": lengths.covering_length(sources, limit),
+                "max_target_length": lengths.covering_length(targets, limit)}
+
+    def truncation(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   max_target_length: int | None = None, **options: Any) -> list[lengths.Truncation]:
+        sources, targets = self._lengths(data, tokenizer)
+        target_length = max_target_length or max_length
+        return [lengths.truncation_of(sources, [min(n, max_length) for n in sources], "source tokens", max_length),
+                lengths.truncation_of(targets, [min(n, target_length) for n in targets], "target tokens",
+                                      target_length, flag="--max-target-length")]
+
+    def encode_options(self, config: Any) -> dict[str, Any]:
+        return {"max_target_length": getattr(config, "max_target_length", None)}
+
+    def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+               max_target_length: int | None = None) -> list[Feature]:
+        """Features of source ids and target labels; targets are cut at ``max_target_length``
+        (default ``max_length``)."""
         self._tokenizer = tokenizer
         sources = tokenizer([e["source"] for e in data.examples], truncation=True, max_length=max_length)
         targets = [e.get("target") for e in data.examples]
         labelled = [t for t in targets if t is not None]
-        encoded_targets = iter(tokenizer(text_target=labelled, truncation=True, max_length=max_length)["input_ids"]
+        target_length = max_target_length or max_length
+        encoded_targets = iter(tokenizer(text_target=labelled, truncation=True, max_length=target_length)["input_ids"]
                                if labelled else [])
         eos = tokenizer.eos_token_id
         features = []

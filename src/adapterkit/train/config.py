@@ -3,7 +3,8 @@
 These are the only training defaults in adapterkit: ``ak.train`` and
 ``adapterkit train`` both start from them. Two are left to the run's parts:
 ``lr=None`` takes the adapter method's own ``default_lr`` and
-``max_length=None`` the task's ``default_max_length`` (:func:`resolve_defaults`).
+``max_length=None`` the task's default length for the data and model
+(``Task.default_lengths``; :func:`resolve_defaults`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _label(name: str) -> str:
 
 
 # Integer fields where None means "not set" (see the attribute docs).
-_OPTIONAL = frozenset({"max_length", "max_steps", "eval_every", "early_stopping_patience", "num_threads"})
+_OPTIONAL = frozenset({"max_length", "max_target_length", "max_steps", "eval_every", "early_stopping_patience",
+                       "num_threads"})
 
 
 def _check_number(name: str, value: Any, *, low: float, high: float | None = None,
@@ -63,8 +65,11 @@ class TrainConfig:
         warmup_ratio: fraction of the steps spent warming up linearly from 0.
         warmup_steps: warmup length in steps; overrides ``warmup_ratio``.
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
-        max_length: longest tokenized input; longer ones are truncated
-            (``None``: the task's ``default_max_length``).
+        max_length: longest tokenized input; longer ones are truncated, or
+            windowed by tasks that window (NER, QA) (``None``: the task's
+            default, see ``tasks/lengths.py``).
+        max_target_length: seq2seq: longest target in tokens (``None``: the
+            task's default, from the data).
         packing: pack several short training examples into each row of up to
             ``max_length`` tokens, without attention across them (tasks that
             support it: ``causal-lm``).
@@ -100,6 +105,7 @@ class TrainConfig:
     warmup_steps: int | None = None
     max_grad_norm: float | None = 1.0
     max_length: int | None = None
+    max_target_length: int | None = None
     packing: bool = False
     eval_every: int | None = None
     eval_batch_size: int = 64
@@ -116,8 +122,7 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every",
-                     "max_length", "max_steps", "eval_every", "early_stopping_patience", "num_threads"):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", *sorted(_OPTIONAL)):
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue
@@ -155,10 +160,7 @@ class TrainConfig:
         return cls(**data)
 
 
-def resolve_defaults(config: TrainConfig, method_lr: float, task_max_length: int) -> TrainConfig:
-    """``config`` with ``lr`` and ``max_length`` filled in from the method and the task."""
-    return dataclasses.replace(
-        config,
-        lr=config.lr if config.lr is not None else method_lr,
-        max_length=config.max_length if config.max_length is not None else task_max_length,
-    )
+def resolve_defaults(config: TrainConfig, method_lr: float, task_lengths: dict[str, int]) -> TrainConfig:
+    """``config`` with ``lr`` from the method and unset lengths from the task's defaults."""
+    lengths = {k: v for k, v in task_lengths.items() if getattr(config, k) is None}
+    return dataclasses.replace(config, lr=config.lr if config.lr is not None else method_lr, **lengths)

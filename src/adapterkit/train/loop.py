@@ -26,6 +26,7 @@ from adapterkit.errors import ResumeError, UnknownNameError
 from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.evaluate.runner import autocast, cpu_has_native_bf16, run_inference
 from adapterkit.tasks import LOWER_IS_BETTER, Task, get_task
+from adapterkit.tasks.lengths import report_truncation
 from adapterkit.train.checkpoint import (
     STATE_FILE,
     WEIGHTS_FILE,
@@ -116,11 +117,21 @@ class _Prepared:
 
 def _prepare(tokenizer: PreTrainedTokenizerBase, task: Task, train_data: TaskData,
              eval_data: TaskData | None, config: TrainConfig) -> _Prepared:
-    """Tokenize once (batches are padded per batch later) and work out the step counts."""
-    features = task.encode(train_data, tokenizer, config.max_length)
+    """Tokenize once (batches are padded per batch later) and work out the step counts.
+
+    Says first what truncation at ``max_length`` cuts from the training and
+    validation data, if anything.
+    """
+    options = task.encode_options(config)
+    for name, data in (("training data", train_data), ("validation data", eval_data)):
+        if data is not None:
+            report_truncation(task.truncation(data, tokenizer, config.max_length, **options),
+                              f"{name} {data.source}", task.scored_units, show=config.progress)
+    features = task.encode(train_data, tokenizer, config.max_length, **options)
     if config.packing:  # several short examples per row, attention kept within each
         features = task.pack(features, config.max_length)
-    eval_features = task.encode(eval_data, tokenizer, config.max_length) if eval_data is not None else None
+    eval_features = (task.encode(eval_data, tokenizer, config.max_length, **options)
+                     if eval_data is not None else None)
     batches_per_epoch = math.ceil(len(features) / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.grad_accum_steps)
     return _Prepared(task=task, metric=config.metric or task.default_metric, features=features,
@@ -238,13 +249,19 @@ def _new_window() -> dict:
     return {"loss": 0.0, "examples": 0, "tokens": 0, "since": time.perf_counter()}
 
 
-def resolve_train_config(model: nn.Module, task: Task, config: TrainConfig) -> TrainConfig:
-    """``config`` with the method's default learning rate and the task's default length filled in."""
+def resolve_train_config(model: nn.Module, tokenizer: PreTrainedTokenizerBase, train_data: TaskData,
+                         config: TrainConfig) -> TrainConfig:
+    """``config`` with the method's default learning rate and the task's default lengths
+    (measured on ``train_data`` where the task measures) filled in."""
     from adapterkit.core import active_adapters, get_adapter_config, get_method
 
     names = active_adapters(model)
     method_lr = get_method(get_adapter_config(model, names[0])).default_lr if names else 1e-3
-    return resolve_defaults(config, method_lr, task.default_max_length)
+    task = get_task(train_data.task)
+    needs_lengths = config.max_length is None or (
+        config.max_target_length is None and "max_target_length" in task.encode_options(config))
+    task_lengths = task.default_lengths(train_data, tokenizer, model) if needs_lengths else {}
+    return resolve_defaults(config, method_lr, task_lengths)
 
 
 def train(
@@ -275,7 +292,7 @@ def train(
     """
     started = time.perf_counter()
     task = get_task(train_data.task)
-    config = resolve_train_config(model, task, config or TrainConfig())
+    config = resolve_train_config(model, tokenizer, train_data, config or TrainConfig())
     if run_folder is None and config.output_dir:
         run_folder = RunFolder.prepare(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     set_threads(config.num_threads)

@@ -4,7 +4,7 @@ model and data, add the adapter, train, test, and leave everything in a run fold
 ``RunConfig()`` with no arguments is the built-in default: LoRA on MiniLM
 with Rotten Tomatoes, tested on its test split (5-7 minutes on 2 CPU cores).
 It has no defaults of its own: the method's config class, ``TrainConfig``,
-the method's ``default_lr`` and the task's ``default_max_length`` give them,
+the method's ``default_lr`` and the task's ``default_lengths`` give them,
 exactly as for ``ak.train`` from Python.
 """
 
@@ -26,7 +26,7 @@ from adapterkit.evaluate import evaluate
 from adapterkit.models import load_model
 from adapterkit.train.config import TrainConfig, TrainConfigError, resolve_defaults
 from adapterkit.train.fingerprint import RESUMABLE_CHANGES, check_same_run
-from adapterkit.train.loop import seed_everything, train
+from adapterkit.train.loop import resolve_train_config, seed_everything, train
 from adapterkit.train.records import scalar_metrics
 from adapterkit.train.result import TrainResult, save_run_adapter
 from adapterkit.train.run_folder import RunFolder
@@ -112,14 +112,13 @@ class RunConfig:
             raise ConfigError(f"adapter options for method {self.method!r}: {err}") from None
 
     def train_config(self, output_dir: str | None) -> TrainConfig:
-        """The ``TrainConfig`` of ``train`` options, with the method's learning rate and
-        the task's length where they are not set."""
+        """The ``TrainConfig`` of ``train`` options, with the method's learning rate where it is
+        not set. Lengths left unset are the task's to choose once data and model are loaded
+        (``resolve_train_config``)."""
         from adapterkit.core import get_method
-        from adapterkit.tasks import get_task
 
         config = TrainConfig.from_dict({**self.train, "output_dir": output_dir})
-        return resolve_defaults(config, get_method(self.method).default_lr,
-                                get_task(self.task).default_max_length)
+        return resolve_defaults(config, get_method(self.method).default_lr, {})
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share, shaped like the training loop's fingerprint."""
@@ -247,6 +246,7 @@ def run(config: RunConfig) -> RunResult:
         seed_everything(train_config.seed)
         model, tokenizer = load_model(config.model, task=config.task, labels=train_data.labels)
         add_adapter(model, config.adapter_name, adapter_config)
+        train_config = resolve_train_config(model, tokenizer, train_data, train_config)
         trainable = trainable_summary(model)
         resolved = {**config.to_dict(), "adapter": adapter_config.to_dict(), "train": train_config.to_dict()}
         write_text_atomically(folder.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -84,6 +84,7 @@ def adapter_metadata(model: nn.Module, data: TaskData, config: TrainConfig, resu
         "base_model": source.get("name"),
         "base_model_path": source.get("path"),
         "max_length": config.max_length,
+        **({"max_target_length": config.max_target_length} if config.max_target_length else {}),
         "metrics": {"validation": scalar_metrics(result.metrics)} if result.metrics else {},
         "training": {"steps": result.step, "epochs": round(result.epochs, 4), "seed": config.seed,
                      "lr": config.lr, "batch_size": config.batch_size},
