@@ -43,15 +43,25 @@ def test_first_sub_token_carries_the_label(tokenizer):
     assert feature["_positions"] == [1, 2, 3, 5] and feature["_words"] == [0, 1, 2, 3]
 
 
-def test_truncated_words_are_dropped_and_predicted_o(tokenizer):
-    data = _data([{"tokens": ["john", "visited", "newyork"], "tags": ["B-PER", "O", "B-LOC"]}])
+def test_long_sentences_become_overlapping_windows(tokenizer):
+    """max_length 6 leaves 4 sub-tokens a window, and consecutive windows share 2 of them."""
+    data = _data([{"tokens": ["john", "visited", "newyork", "and", "lima"],
+                   "tags": ["B-PER", "O", "B-LOC", "O", "B-LOC"]}])
     task = get_task(TASK)
-    [feature] = task.encode(data, tokenizer, max_length=4)  # [CLS] john visited [SEP]
-    assert feature["_words"] == [0, 1] and feature["labels"] == [-100, 5, 0, -100]
-    logits = np.full((2, len(LABELS)), -5.0)
-    logits[0, 5] = logits[1, 0] = 5.0
-    [prediction] = task.decode(data, [feature], [WordLogits(np.array([0, 1]), logits)])
-    assert prediction.tags == ["B-PER", "O", "O"]
+    first, second = task.encode(data, tokenizer, max_length=6)
+    assert tokenizer.convert_ids_to_tokens(first["input_ids"]) == ["[CLS]", "john", "visited", "new", "##york", "[SEP]"]
+    assert tokenizer.convert_ids_to_tokens(second["input_ids"]) == ["[CLS]", "new", "##york", "and", "lima", "[SEP]"]
+    assert first["_example"] == second["_example"] == 0
+    assert first["_words"] == [0, 1, 2] and second["_words"] == [2, 3, 4]
+    assert first["labels"] == [-100, 5, 0, 1, -100, -100] and second["labels"] == [-100, 1, -100, 0, 1, -100]
+    # Sub-tokens to the nearer cut edge; the sentence's own ends cut nothing. "newyork" has one
+    # sub-token of context after it in the first window and none before it in the second.
+    assert first["_margins"] == [3, 2, 1] and second["_margins"] == [0, 2, 3]
+    vote = {tag: np.eye(len(LABELS))[LABELS.index(tag)] * 5.0 for tag in LABELS}
+    outputs = [WordLogits(np.array([0, 1, 2]), np.stack([vote["B-PER"], vote["O"], vote["B-LOC"]])),
+               WordLogits(np.array([2, 3, 4]), np.stack([vote["O"], vote["O"], vote["B-LOC"]]))]
+    [prediction] = task.decode(data, [first, second], outputs)
+    assert prediction.tags == ["B-PER", "O", "B-LOC", "O", "B-LOC"]  # "newyork" from the first window
 
 
 def test_collate_infer_and_loss(tokenizer):

@@ -2,11 +2,16 @@
 
 Words are split into sub-tokens by the fast tokenizer; ``word_ids()`` says
 which word each sub-token came from. The first sub-token of a word carries the
-word's label and the rest get -100, so the loss sees each word once. At
-prediction time the logits at those first sub-tokens are the word's logits;
-words cut off by ``max_length`` (or that tokenize to nothing) are tagged ``O``.
-Entities are read from the predicted tags with the CoNLL semantics of
-``adapterkit.data.tagging.entity_spans`` and scored at the entity level.
+word's label and the rest get -100, so the loss sees each word once per
+window. At prediction time the logits at those first sub-tokens are the
+word's logits.
+
+A sentence longer than ``max_length`` is not truncated: it becomes several
+overlapping windows (``adapterkit.tasks.word_windows``), and each word takes
+its logits from the window where it has the most context, so every word gets
+exactly one prediction (only a word that tokenizes to nothing is tagged ``O``
+unseen). Entities are read from the predicted tags with the CoNLL semantics
+of ``adapterkit.data.tagging.entity_spans`` and scored at the entity level.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from adapterkit.tasks.base import Feature, Task, pad_features
 from adapterkit.tasks.entity_metrics import entity_metrics
 from adapterkit.tasks.metrics import mean_cross_entropy
 from adapterkit.tasks.registry import register_task
+from adapterkit.tasks.word_windows import merge_windows, window_stride, word_windows
 
 
 class Entity(NamedTuple):
@@ -47,10 +53,17 @@ class TagPrediction(NamedTuple):
 
 
 class WordLogits(NamedTuple):
-    """Raw output for one feature: the words that reached the model and their logits."""
+    """Raw output for one feature (one window): the words it labels and their logits.
+
+    ``example`` and ``margins`` say which sentence the window belongs to and how
+    much context each word has in it, so that windows can be merged without
+    the features; ``infer`` fills them in (-1 and ``None``: not known).
+    """
 
     words: np.ndarray  # (n,) word indices into the example's tokens
     logits: np.ndarray  # (n, num_labels)
+    example: int = -1
+    margins: np.ndarray | None = None  # (n,) context margin of each word in this window
 
 
 def _model_inputs(batch: dict[str, torch.Tensor], labels: bool = True) -> dict[str, torch.Tensor]:
@@ -76,34 +89,76 @@ def word_offsets(example: dict[str, Any]) -> tuple[str, list[tuple[int, int]]]:
 
 @register_task
 class TokenClassificationTask(Task):
-    """One tag per word (IOB2 or BIOES), scored by entity-level F1."""
+    """One tag per word (IOB2 or BIOES), scored by entity-level F1.
+
+    Args:
+        stride: sub-tokens shared by consecutive windows of a sentence longer
+            than ``max_length``; ``None`` (the default) is half a window's
+            room for sub-tokens. Capped so that every window moves on by at
+            least one sub-token.
+    """
 
     name = "token-classification"
     default_metric = "f1"
 
+    def __init__(self, stride: int | None = None) -> None:
+        self.stride = stride
+
+    @staticmethod
+    def _sentences(data: TaskData) -> list[list[str]]:
+        """Each example's words."""
+        return [list(e["tokens"]) for e in data.examples]
+
+    def input_lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Each sentence's sub-tokens, special tokens included, before any windowing."""
+        if not data.examples:
+            return []
+        encoded = tokenizer(self._sentences(data), is_split_into_words=True, truncation=False, verbose=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def truncation(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                   **options: Any) -> list[Any]:
+        """Nothing: long sentences become several windows, and every word is predicted."""
+        return []
+
     def encode(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int) -> list[Feature]:
+        """One feature per window; a sentence that fits in ``max_length`` is one window.
+
+        Each feature has the model inputs, ``labels`` when the examples are
+        tagged, and the bookkeeping ``_example`` (the sentence), ``_positions``
+        / ``_words`` (where the first sub-token of each word it labels sits,
+        and which word that is) and ``_margins`` (each word's context there).
+        """
         if not getattr(tokenizer, "is_fast", False):
             raise WrongTypeError(f"token classification needs a fast tokenizer (for word_ids()); "
                             f"got {type(tokenizer).__name__}")
+        if not data.examples:
+            return []
+        content = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+        if content < 1:
+            raise UsageError(f"max_length={max_length} leaves no room for words next to the special tokens")
+        stride = window_stride(content, self.stride)
         index = {label: i for i, label in enumerate(data.labels or [])}
-        words = [list(e["tokens"]) for e in data.examples]
-        # Truncate only; padding happens per batch in ``collate``.
-        encoded = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+        side = tokenizer.truncation_side
+        tokenizer.truncation_side = "right"  # ``word_windows`` reads the windows in sentence order
+        try:
+            # Windows only; padding happens per batch in ``collate``.
+            encoded = tokenizer(self._sentences(data), is_split_into_words=True, truncation=True,
+                                max_length=max_length, stride=stride, return_overflowing_tokens=True)
+        finally:
+            tokenizer.truncation_side = side
         features: list[Feature] = []
-        for i, example in enumerate(data.examples):
-            feature: Feature = {key: encoded[key][i] for key in encoded.keys()}
-            positions, kept, previous = [], [], None
-            for position, word in enumerate(encoded.word_ids(i)):
-                if word is not None and word != previous:  # first sub-token of a word
-                    positions.append(position)
-                    kept.append(word)
-                previous = word
-            if example.get("tags") is not None:
+        for w, window in enumerate(word_windows(encoded, stride)):
+            feature: Feature = {key: encoded[key][w] for key in ("input_ids", "token_type_ids", "attention_mask")
+                                if key in encoded}
+            tags = data.examples[window.example].get("tags")
+            if tags is not None:
                 labels = [-100] * len(feature["input_ids"])
-                for position, word in zip(positions, kept):
-                    labels[position] = index[example["tags"][word]]
+                for position, word in zip(window.positions, window.words):
+                    labels[position] = index[tags[word]]
                 feature["labels"] = labels
-            feature.update({"_example": i, "_positions": positions, "_words": kept})
+            feature.update({"_example": window.example, "_positions": window.positions, "_words": window.words,
+                            "_margins": window.margins})
             features.append(feature)
         return features
 
@@ -112,6 +167,8 @@ class TokenClassificationTask(Task):
         # Bookkeeping for ``infer``: where each word's first sub-token sits, -1 past the end.
         batch["_positions"] = _pad([f["_positions"] for f in features], -1)  # (batch, words)
         batch["_words"] = _pad([f["_words"] for f in features], -1)  # (batch, words)
+        batch["_margins"] = _pad([f.get("_margins", [0] * len(f["_words"])) for f in features], -1)  # (batch, words)
+        batch["_example"] = torch.tensor([f["_example"] for f in features], dtype=torch.long)  # (batch,)
         return batch
 
     def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -147,24 +204,31 @@ class TokenClassificationTask(Task):
         logits = model(**_model_inputs(batch, labels=False)).logits.detach().float()  # (batch, seq, num_labels)
         outputs = []
         for row, positions in enumerate(batch["_positions"]):
-            keep = positions >= 0
+            keep = positions >= 0  # (words,)
+            margins = batch["_margins"][row][keep].numpy() if "_margins" in batch else None
+            example = int(batch["_example"][row]) if "_example" in batch else -1
             outputs.append(WordLogits(batch["_words"][row][keep].numpy(),
-                                      logits[row, positions[keep]].cpu().numpy()))  # (words, num_labels)
+                                      logits[row, positions[keep]].cpu().numpy(),  # (words, num_labels)
+                                      example, margins))
         return outputs
 
     def decode(self, data: TaskData, features: Sequence[Feature], outputs: Sequence[WordLogits]) -> list[TagPrediction]:
         if not data.labels:
             raise UsageError(f"{data.source}: decoding tags needs the label vocabulary (data.labels)")
         labels = data.labels
-        predictions = []
+        windows = []
         for feature, output in zip(features, outputs):
-            example = data.examples[feature["_example"]]
+            margins = feature.get("_margins", output.margins)
+            windows.append((feature["_example"], output.words,
+                            np.zeros(len(output.words)) if margins is None else margins, output.logits))
+        predictions = []
+        for example, (words, logits) in zip(data.examples, merge_windows(windows, len(data.examples))):
             tags = ["O"] * len(example["tokens"])
             confidence = np.zeros(len(tags))
-            if len(output.words):
-                shifted = np.exp(output.logits - output.logits.max(axis=-1, keepdims=True))
-                probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
-                for word, best, p in zip(output.words, probabilities.argmax(-1), probabilities.max(-1)):
+            if len(words):
+                shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))  # (words, num_labels)
+                probabilities = shifted / shifted.sum(axis=-1, keepdims=True)  # (words, num_labels)
+                for word, best, p in zip(words, probabilities.argmax(-1), probabilities.max(-1)):
                     tags[int(word)], confidence[int(word)] = labels[int(best)], float(p)
             text, offsets = word_offsets(example)
             entities = []
@@ -181,11 +245,17 @@ class TokenClassificationTask(Task):
         if any(r is None for r in references):
             raise UsageError(f"{data.source}: cannot score untagged examples")
         metrics = entity_metrics(references, [p.tags for p in predictions])
-        # Word-level cross-entropy; features and examples correspond one to one, in order.
+        # Word-level cross-entropy over the merged windows: each word once, with the logits decode used.
+        if any(o.example < 0 for o in outputs):
+            raise UsageError(f"{self.name}: outputs without their example index cannot be scored; "
+                             f"make them with infer")
+        windows = [(o.example, o.words, np.zeros(len(o.words)) if o.margins is None else o.margins, o.logits)
+                   for o in outputs]
+        merged = merge_windows(windows, len(data.examples))
         index = {label: i for i, label in enumerate(data.labels or [])}
-        gold = [index[references[i][int(w)]] for i, out in enumerate(outputs) for w in out.words]
+        gold = [index[references[i][int(w)]] for i, (words, _) in enumerate(merged) for w in words]
         if gold:
-            metrics["loss"] = mean_cross_entropy(np.concatenate([o.logits for o in outputs]), gold)
+            metrics["loss"] = mean_cross_entropy(np.concatenate([l for w, l in merged if len(w)]), gold)
         metrics["count"] = len(data.examples)
         return metrics
 
