@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -92,7 +93,11 @@ def test_our_peft_config_and_tensor_names(tmp_path: Path) -> None:
     ak.add_adapter(model, "task", ak.LoraConfig(rank=4, use_dora=True))  # default targets
     ak.save_adapter(model, "task", tmp_path / "dora")
     config = json.loads((tmp_path / "dora" / "adapter_config.json").read_text())
-    assert config["target_modules"] == ["query", "value"] and config["use_dora"] is True
+    # Default targets are saved as one regex that PEFT full-matches to exactly the wrapped modules.
+    wrapped = {n for n, m in model.named_modules() if getattr(m, "method", None) == "lora"}
+    plain = {n for n, _ in build_tiny("bert")[0].named_modules()}
+    assert {n for n in plain if re.fullmatch(config["target_modules"], n)} == wrapped
+    assert len(wrapped) == 12 and config["use_dora"] is True
     assert config["modules_to_save"] == ["classifier"] and config["task_type"] == "SEQ_CLS"
     names = set(safetensors.torch.load_file(str(tmp_path / "dora" / "adapter_model.safetensors")))
     assert "base_model.model.bert.encoder.layer.1.attention.self.value.lora_magnitude_vector" in names
