@@ -498,3 +498,25 @@ def test_a_missing_file_says_it_does_not_exist(tmp_path: Path) -> None:
                  task("causal-lm"), read_table, read_texts):
         raises_at(load, tmp_path / "absent.csv", None, "does not exist")
     raises_at(classification, tmp_path, None, "folder")
+
+
+def test_a_parquet_string_that_is_not_utf8_is_a_data_error(tmp_path: Path) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # Arrow checks nothing when a string array is built from raw buffers, nor does the writer.
+    offsets = pa.py_buffer(np.array([0, 2, 3], dtype=np.int32).tobytes())
+    texts = pa.Array.from_buffers(pa.string(), 2, [None, offsets, pa.py_buffer(b"ok\xff")])
+    path = tmp_path / "data.parquet"
+    pq.write_table(pa.table({"text": texts, "label": pa.array(["a", "b"])}), path)
+    raises_at(classification, path, None, "UTF8")
+
+
+def test_a_field_longer_than_the_csv_module_default_reads_whole(tmp_path: Path) -> None:
+    path = tmp_path / "long.csv"
+    long = "word, " * 30_000  # 180,000 characters: over the csv module's 131,072
+    path.write_text(f'text,label\n"{long}",a\nshort,b\n')
+    data = classification(path)
+    assert [len(e["text"]) for e in data.examples] == [len(long), 5]
+    assert csv.field_size_limit() == 131_072  # the process-wide limit is put back

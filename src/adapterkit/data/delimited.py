@@ -17,11 +17,15 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pandas as pd
 
 from adapterkit.data.errors import DataError
 from adapterkit.data.values import preview
+
+# The longest field read: a whole document, not the csv module's default of 128 KiB.
+FIELD_LIMIT = 2**30
 
 # (name used in messages, delimiter, quoting) per format.
 FORMATS = {
@@ -62,6 +66,17 @@ def _problem(err: csv.Error, start: int, current: int, fmt: str) -> str:
     return f"expected {fmt.upper()} text, found a record the csv parser rejects: {text}"
 
 
+@contextmanager
+def _field_limit(limit: int) -> Iterator[None]:
+    """The csv module's (process-wide) field size limit raised to ``limit`` for a while."""
+    previous = csv.field_size_limit()
+    csv.field_size_limit(max(limit, previous))
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
 def _header(fields: list[str], source: str, line: int) -> list[str]:
     """Column names; empty ones become ``Unnamed: i`` (as pandas names them), duplicates are an error."""
     names = [name if name.strip() else f"Unnamed: {i}" for i, name in enumerate(fields)]
@@ -85,17 +100,18 @@ def parse_delimited(text: str, source: str, fmt: str) -> tuple[pd.DataFrame, lis
         DataError: a record whose field count differs from the header's, a
             quote that is never closed, or duplicate column names.
     """
-    records = _records(text, source, fmt)
-    first = next(records, None)
-    if first is None:
-        raise DataError(source, "expected a header line, found only blank lines")
-    header = _header(first[1], source, first[0])
     rows, lines = [], []
-    for line, fields in records:
-        if len(fields) != len(header):
-            raise DataError(source, _count_problem(header, fields, fmt), where=f"line {line}")
-        rows.append(fields)
-        lines.append(line)
+    with _field_limit(FIELD_LIMIT):
+        records = _records(text, source, fmt)
+        first = next(records, None)
+        if first is None:
+            raise DataError(source, "expected a header line, found only blank lines")
+        header = _header(first[1], source, first[0])
+        for line, fields in records:
+            if len(fields) != len(header):
+                raise DataError(source, _count_problem(header, fields, fmt), where=f"line {line}")
+            rows.append(fields)
+            lines.append(line)
     return pd.DataFrame(rows, columns=header, dtype=object), lines
 
 

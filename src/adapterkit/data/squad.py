@@ -94,7 +94,7 @@ def squad_from_object(data: Any, source: str = "<memory>") -> TaskData:
                 qid = _question_id(qa.get("id"), source, where)
                 if qid is not None:
                     where += f" (id {qid})"
-                _require(qa.get("is_impossible", False) is False, source, where,
+                _require(qa.get("is_impossible", False) in (None, False), source, where,
                          "expected an answerable question, found is_impossible set; unanswerable "
                          "(SQuAD 2.0) questions are not supported, drop them")
                 answers = qa.get("answers")

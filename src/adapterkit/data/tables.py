@@ -79,10 +79,12 @@ def _read_parquet(raw: bytes, source: str) -> Table:
     if not raw:
         raise DataError(source, "expected a Parquet file, found an empty file")
     try:
+        arrow = pq.read_table(io.BytesIO(raw))
+        arrow.validate(full=True)  # e.g. strings that are not UTF-8, which pandas would hit later
         # Without pandas' metadata: a damaged copy of it must not stop the read.
-        frame = pq.read_table(io.BytesIO(raw)).to_pandas(ignore_metadata=True)
+        frame = arrow.to_pandas(ignore_metadata=True)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(source, f"expected a Parquet file, found data pyarrow cannot read: {err}") from None
+        raise DataError(source, f"expected a readable Parquet file, found one pyarrow rejects: {err}") from None
     except UnicodeDecodeError as err:  # a column name or string that is not UTF-8
         raise DataError(source, f"expected UTF-8 names and strings in the Parquet file, found the bytes "
                         f"{err.object[err.start:err.start + 4]!r}, which are not valid UTF-8") from None
