@@ -306,18 +306,23 @@ def squad_files(draw: st.DrawFn) -> Questions:
 
 
 @st.composite
-def qa_record_files(draw: st.DrawFn) -> Questions:
-    """Flat JSON Lines QA records, answers as a list of objects or in the datasets layout."""
-    examples, lines = [], []
+def qa_record_files(draw: st.DrawFn, parquet: bool = False) -> Questions:
+    """Flat QA records as JSON Lines (or Parquet), answers as a list of objects or in the datasets layout."""
+    datasets_layout = draw(st.booleans())
+    examples, records = [], []
     for i in range(draw(st.integers(1, 5))):
         context = draw(texts(max_size=30))
         question, answers = draw(texts()), draw(answers_in(context))
         stored: Any = answers
-        if draw(st.booleans()):
+        if datasets_layout:
             stored = {"text": [x["text"] for x in answers], "answer_start": [x["answer_start"] for x in answers]}
-        lines.append(json.dumps({"id": f"r{i}", "question": question, "context": context, "answers": stored},
-                                ensure_ascii=draw(st.booleans())))
+        records.append({"id": f"r{i}", "question": question, "context": context, "answers": stored})
         examples.append((f"r{i}", question, context, answers))
+    if parquet:
+        buffer = io.BytesIO()
+        pd.DataFrame(records).to_parquet(buffer)
+        return Questions(buffer.getvalue(), examples, [f"record {i + 1}" for i in range(len(records))])
+    lines = [json.dumps(r, ensure_ascii=draw(st.booleans())) for r in records]
     return Questions(("\n".join(lines) + "\n").encode(), examples, [f"line {i + 1}" for i in range(len(lines))])
 
 
@@ -383,8 +388,8 @@ def instruction_record(draw: st.DrawFn, layout: str) -> tuple[dict[str, Any], li
 
 @st.composite
 def instruction_files(draw: st.DrawFn, layouts: tuple[str, ...] = ("prompt", "alpaca", "chat"),
-                      suffixes: tuple[str, ...] = (".jsonl", ".json", ".csv")) -> Instructions:
-    """Prompt/response, Alpaca or chat records as JSON Lines, JSON or (not chat) CSV."""
+                      suffixes: tuple[str, ...] = (".jsonl", ".json", ".csv", ".parquet")) -> Instructions:
+    """Prompt/response, Alpaca or chat records as JSON Lines, JSON, Parquet or (not chat) CSV."""
     layout = draw(st.sampled_from(layouts))
     suffix = draw(st.sampled_from([s for s in suffixes if s != ".csv" or layout != "chat"]))
     drawn = draw(st.lists(instruction_record(layout), min_size=1, max_size=5))
@@ -396,6 +401,10 @@ def instruction_files(draw: st.DrawFn, layouts: tuple[str, ...] = ("prompt", "al
     elif suffix == ".json":
         content = json.dumps(records, ensure_ascii=False)
         where = [f"record {i + 1}" for i in range(len(records))]
+    elif suffix == ".parquet":
+        buffer = io.BytesIO()
+        pd.DataFrame(records).to_parquet(buffer)
+        return Instructions(suffix, buffer.getvalue(), examples, [f"record {i + 1}" for i in range(len(records))])
     else:
         buffer = io.StringIO(newline="")
         writer = csv.DictWriter(buffer, fieldnames=list(records[0]))

@@ -107,10 +107,10 @@ NOISE = [
      rs.JSON_TOKENS),
     ("squad.json", squad_like, rs.json_shapes(), rs.squad_files().map(lambda f: f.data), rs.JSON_TOKENS),
     ("qa.jsonl", squad_like, rs.jsonl_shapes(), rs.qa_record_files().map(lambda f: f.data), rs.JSON_TOKENS),
-    ("chat.jsonl", task("causal-lm"), rs.jsonl_shapes(), rs.instruction_files().map(lambda f: f.data),
-     rs.JSON_TOKENS),
-    ("alpaca.json", task("causal-lm"), rs.json_shapes(), rs.instruction_files().map(lambda f: f.data),
-     rs.JSON_TOKENS),
+    ("chat.jsonl", task("causal-lm"), rs.jsonl_shapes(),
+     rs.instruction_files(suffixes=(".jsonl",)).map(lambda f: f.data), rs.JSON_TOKENS),
+    ("alpaca.json", task("causal-lm"), rs.json_shapes(),
+     rs.instruction_files(suffixes=(".json",)).map(lambda f: f.data), rs.JSON_TOKENS),
     ("pairs.csv", task("seq2seq"), rs.noise(rs.CSV_TOKENS), rs.valid_bytes(rs.csv_files()), rs.CSV_TOKENS),
 ]
 
@@ -132,7 +132,8 @@ def test_any_bytes_load_or_raise_a_data_error(name: str, load: Callable, shapes:
 def test_any_compressed_bytes_load_or_raise_a_data_error(data: bytes, compress: bool) -> None:
     with folder() as directory:
         # Compressed noise exercises the parser; raw noise behind a .gz suffix, the decompressor.
-        loads_or_data_error(classification, write(directory, "data.csv.gz", gzip.compress(data) if compress else data))
+        content = gzip.compress(data) if compress else data
+        loads_or_data_error(classification, write(directory, "data.csv.gz", content))
 
 
 @FEW
@@ -193,7 +194,8 @@ def test_written_conll_reads_back_sentence_for_sentence(written: rs.Sentences) -
     assert [e["where"] for e in data.examples] == written.where
 
 
-@pytest.mark.parametrize("name, files", [("squad.json", rs.squad_files()), ("qa.jsonl", rs.qa_record_files())])
+@pytest.mark.parametrize("name, files", [("squad.json", rs.squad_files()), ("qa.jsonl", rs.qa_record_files()),
+                                         ("qa.parquet", rs.qa_record_files(parquet=True))])
 def test_written_questions_read_back_one_for_one(name: str, files: st.SearchStrategy[rs.Questions]) -> None:
     @BOUNDED
     @given(files)
@@ -250,7 +252,7 @@ def csv_with_bad_row(draw: st.DrawFn) -> tuple[bytes, str, int]:
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer)
     writer.writerow(["text", "label"])
-    for i, row in enumerate([*rows[:at], None, *rows[at:]]):
+    for row in [*rows[:at], None, *rows[at:]]:
         if row is None:
             start = buffer.tell()
         writer.writerow(bad if row is None else row)
@@ -287,7 +289,8 @@ def test_a_byte_that_is_not_utf8_names_its_line(written: rs.Written, data: st.Da
     while at < len(raw) and 0x80 <= raw[at] < 0xC0:
         at += 1  # not inside a multi-byte character
     broken = raw[:at] + b"\xff" + raw[at:]
-    where = f"line {rs.start_line(raw[:at].decode(), len(raw[:at].decode()))}"
+    before = raw[:at].decode()
+    where = f"line {rs.start_line(before, len(before))}"
     with folder() as directory:
         raises_at(classification, write(directory, "data.csv", broken), where, "UTF-8", f"byte offset {at}")
 
@@ -394,7 +397,7 @@ def test_a_bad_conll_line_names_its_line(written: rs.Sentences, bad: tuple[str, 
 
 # A broken question replacing a good one, and the words its error must have.
 BAD_QUESTIONS = st.sampled_from([
-    (lambda qa: {**qa, "answers": [{"text": "\x00never in the context", "answer_start": 0}]}, "expected the answer"),
+    (lambda qa: {**qa, "answers": [{"text": "\x00not in the context", "answer_start": 0}]}, "expected the answer"),
     (lambda qa: {**qa, "answers": [{"text": "x", "answer_start": -1}]}, "non-negative integer"),
     (lambda qa: {**qa, "answers": [{"text": "x", "answer_start": "0"}]}, "non-negative integer"),
     (lambda qa: {**qa, "answers": "x"}, "'answers' to be a list"),
