@@ -67,3 +67,16 @@ def toy_ner(n: int, seed: int = 0) -> list[dict]:
             tags += [f"B-{kind}"] + [f"I-{kind}"] * (len(words) - 1)
         rows.append({"tokens": tokens, "tags": tags})
     return rows
+
+
+def long_toy_ner(n: int, parts: int = 4, seed: int = 0) -> list[dict]:
+    """``n`` sentences, each ``parts`` sentences of ``toy_ner`` run together: ``parts`` times
+    as long (with 4 parts, up to about 40 sub-tokens, most longer than a 16-token window),
+    with entities all along."""
+    short = toy_ner(n * parts, seed=seed)
+    rows = []
+    for i in range(n):
+        group = short[i * parts:(i + 1) * parts]
+        rows.append({"tokens": [t for row in group for t in row["tokens"]],
+                     "tags": [t for row in group for t in row["tags"]]})
+    return rows

@@ -175,7 +175,8 @@ class TokenClassificationTask(Task):
         if "labels" not in batch:
             raise UsageError(f"{self.name}: the batch has no labels, so there is no loss to train on")
         if not bool((batch["labels"] != -100).any()):
-            # Every word was truncated away: a zero loss that still has a graph, not NaN.
+            # No window of the batch labels a word (each lies inside one long word's sub-tokens, or
+            # the sentences tokenize to nothing): a zero loss that still has a graph, not NaN.
             return model(**_model_inputs(batch, labels=False)).logits.sum() * 0.0
         return model(**_model_inputs(batch)).loss
 
@@ -255,7 +256,8 @@ class TokenClassificationTask(Task):
         index = {label: i for i, label in enumerate(data.labels or [])}
         gold = [index[references[i][int(w)]] for i, (words, _) in enumerate(merged) for w in words]
         if gold:
-            metrics["loss"] = mean_cross_entropy(np.concatenate([l for w, l in merged if len(w)]), gold)
+            chosen = np.concatenate([logits for words, logits in merged if len(words)])  # (words, num_labels)
+            metrics["loss"] = mean_cross_entropy(chosen, gold)
         metrics["count"] = len(data.examples)
         return metrics
 
