@@ -60,7 +60,7 @@ LEXICON = {**{p: "B-PER" for p in PEOPLE}, **{s: "I-PER" for s in SURNAMES},
 
 
 def lexicon_model(tokenizer) -> BertForTokenClassification:
-    """A BERT with no layers that tags each word by its first sub-token alone, through ``LEXICON``.
+    """A BERT with no layers (float64) that tags each word by its first sub-token alone, through ``LEXICON``.
 
     Position and token-type embeddings are zero, so the hidden state of a
     sub-token is LayerNorm(4 * one-hot(tag)), which is the same for every
@@ -68,7 +68,7 @@ def lexicon_model(tokenizer) -> BertForTokenClassification:
     one-hot's coordinate.
     """
     model = BertForTokenClassification(_head_config(tokenizer, hidden_size=16, num_hidden_layers=0,
-                                                    num_attention_heads=2, intermediate_size=16)).eval()
+                                                    num_attention_heads=2, intermediate_size=16)).double().eval()
     with torch.no_grad():
         embeddings = model.bert.embeddings
         embeddings.position_embeddings.weight.zero_()
