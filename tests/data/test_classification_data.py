@@ -179,3 +179,20 @@ def test_read_texts_from_lines_and_tables(tmp_path):
     lines.write_text("first text\n\nsecond text\n")
     assert read_texts(lines) == ["first text", "second text"]
     assert read_texts(_write(tmp_path, "jsonl")) == EXPECTED_TEXTS
+
+
+def test_duplicate_column_names_are_errors(tmp_path):
+    path = tmp_path / "twice.csv"
+    path.write_text("text,label,label\na,b,c\n")
+    with pytest.raises(DataError, match="'label' as column 2 and column 3") as err:
+        load_data(path)
+    assert err.value.where == "line 1"
+    with pytest.raises(DataError, match=r"\['label'\] more than once"):
+        load_data(pd.DataFrame([["a", "b", "c"]], columns=["text", "label", "label"]))
+
+
+def test_an_unnamed_index_column_is_named_as_pandas_names_it(tmp_path):
+    path = tmp_path / "indexed.csv"
+    pd.DataFrame(ROWS).to_csv(path)  # with the index, under an empty header
+    assert read_table(path).frame.columns.tolist() == ["Unnamed: 0", "text", "label"]
+    assert [e["text"] for e in load_data(path).examples] == EXPECTED_TEXTS

@@ -138,6 +138,9 @@ def read_table(path: str | Path) -> Table:
 def table_from_object(data: Any) -> Table:
     """Wrap an in-memory source: a ``datasets.Dataset``, a DataFrame or a list of dicts."""
     if isinstance(data, pd.DataFrame):
+        twice = sorted({str(c) for c in data.columns[data.columns.duplicated()]})
+        if twice:
+            raise DataError("<DataFrame>", f"expected unique column names, found {twice} more than once")
         return Table(data.reset_index(drop=True), "<DataFrame>")
     if isinstance(data, list):
         where = [f"record {i + 1}" for i in range(len(data))]
