@@ -15,6 +15,7 @@ or BLEU/chrF score the generations.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -33,6 +34,7 @@ from adapterkit.tasks.generation import (
     GenerationOptions,
     generate_batch,
     pad_prompts,
+    trim_padding,
 )
 from adapterkit.tasks.registry import register_task
 from adapterkit.tasks.text_metrics import bleu_chrf, exact_match, perplexity
@@ -87,6 +89,7 @@ class CausalLMTask(Task):
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
         self.generation = generation or GenerationOptions()
+        self.generate = True  # False: score perplexity only, generate nothing
         self._tokenizer: PreTrainedTokenizerBase | None = None  # set by encode/collate, for decoding
 
     @staticmethod
@@ -163,7 +166,7 @@ class CausalLMTask(Task):
             batch["prompt_ids"], batch["prompt_mask"] = pad_prompts([f["_prompt"] for f in features],
                                                                     tokenizer.pad_token_id)
             batch["generate"] = torch.tensor([bool(f["_generate"]) for f in features])
-            batch["max_new_tokens"] = torch.tensor(max(f["_budget"] for f in features if f["_generate"]))
+            batch["max_new_tokens"] = torch.tensor([f["_budget"] for f in features])  # one budget per row
         return batch
 
     @staticmethod
@@ -184,16 +187,27 @@ class CausalLMTask(Task):
             logits = model(**{k: v[rows] for k, v in inputs.items()}, use_cache=False).logits
             nll[rows], tokens[rows] = response_nll(logits, batch["labels"][rows])
         texts: list[str | None] = [None] * len(nll)
-        if "generate" in batch:
+        if "generate" in batch and self.generate:
             rows = batch["generate"].nonzero().flatten().tolist()
-            options = self.generation
-            if self._tokenizer is not None and not options.stop:
-                options = GenerationOptions(**{**vars(options), "stop": chat_format.default_stops(self._tokenizer)})
-            generated = generate_batch(model, self._require_tokenizer(), batch["prompt_ids"][rows],
-                                       batch["prompt_mask"][rows], options, int(batch["max_new_tokens"]))
-            for row, text in zip(rows, generated):
-                texts[row] = text
+            options = self.generation_options()
+            budgets = batch["max_new_tokens"].tolist()
+            # ``options.batch_size`` rows at a time: fewer rows keep generating after theirs has ended.
+            for start in range(0, len(rows), options.batch_size):
+                chunk = rows[start:start + options.batch_size]
+                ids, mask = trim_padding(batch["prompt_ids"][chunk], batch["prompt_mask"][chunk])
+                generated = generate_batch(model, self._require_tokenizer(), ids, mask, options,
+                                           row_budgets=[budgets[r] for r in chunk])
+                for row, text in zip(chunk, generated):
+                    texts[row] = text
         return [Generation(t, float(n), int(c)) for t, n, c in zip(texts, nll.tolist(), tokens.tolist())]
+
+    def generation_options(self, tokenizer: PreTrainedTokenizerBase | None = None) -> GenerationOptions:
+        """The decoding settings generation uses: ``self.generation``, with the stop strings of the
+        plain instruction format when it names none and the tokenizer has no chat template."""
+        tokenizer = tokenizer or self._tokenizer
+        if tokenizer is None or self.generation.stop:
+            return self.generation
+        return dataclasses.replace(self.generation, stop=chat_format.default_stops(tokenizer))
 
     def _require_tokenizer(self) -> PreTrainedTokenizerBase:
         if self._tokenizer is None:
@@ -209,11 +223,14 @@ class CausalLMTask(Task):
     def score(self, data: TaskData, predictions: Sequence[Generation], outputs: Sequence[Any]) -> dict[str, Any]:
         total_nll = sum(p.nll for p in predictions)
         total_tokens = sum(p.tokens for p in predictions)
-        answers = [(p.text or "", e["answer"]) for e, p in zip(data.examples, predictions) if e.get("answer") is not None]
-        references = [(p.text or "", e["reference"]) for e, p in zip(data.examples, predictions)
-                      if e.get("reference") is not None]
+        # Only generated texts are scored (none with ``self.generate`` off).
+        answers = [(p.text, e["answer"]) for e, p in zip(data.examples, predictions)
+                   if e.get("answer") is not None and p.text is not None]
+        references = [(p.text, e["reference"]) for e, p in zip(data.examples, predictions)
+                      if e.get("reference") is not None and p.text is not None]
         if not total_tokens and not answers and not references:
-            raise UsageError(f"{data.source}: no responses, answers or references to score against")
+            hint = "" if self.generate else " (with generation off, only responses are scored)"
+            raise UsageError(f"{data.source}: no responses, answers or references to score against{hint}")
         metrics: dict[str, Any] = {"count": len(data), "response_tokens": total_tokens}
         if total_tokens:
             metrics["loss"] = total_nll / total_tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import (
@@ -18,6 +19,7 @@ from transformers import (
     StoppingCriteria,
     StoppingCriteriaList,
 )
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from adapterkit.errors import UserError
 
@@ -64,18 +66,102 @@ class GenerationOptions:
         self.stop = tuple(s for s in self.stop if s)
 
 
-class StopOnStrings(StoppingCriteria):
-    """Ends each sequence of a batch once its generated text contains a stop string."""
+class StopOnGeneratedStrings(StoppingCriteria):
+    """Ends each row of a batch once its generated text holds a stop string, with transformers'
+    ``StopStringCriteria`` doing the matching.
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_length: int) -> None:
+    That criterion looks only at the newest tokens at each step (a table of
+    where each vocabulary token can sit in each stop string), so a step costs
+    the same however long the continuation. On its own it also matches a stop
+    string that begins in the prompt (``"\\n\\n"`` when the prompt ends with a
+    newline and the first generated token starts with one): while fewer
+    tokens have been generated than a match can span, its matches are checked
+    against the decoded generated text, so only stop strings the generation
+    itself holds end it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
+        self.matcher = StopStringCriteria(tokenizer, list(stops))  # ValueError: a tokenizer it cannot read
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
-        self.prompt_length = prompt_length
+        self.reach = self.matcher.maximum_token_len  # most tokens one match can span
+        self.start: int | None = None  # where generated tokens begin; known at the first call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length:], skip_special_tokens=True)
-        done = [any(stop in text for stop in self.stops) for text in texts]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1  # called once a token has been added
+        done = self.matcher(input_ids, scores)
+        if input_ids.shape[1] - self.start < self.reach and bool(done.any()):
+            rows = done.nonzero().flatten().tolist()
+            texts = self.tokenizer.batch_decode(input_ids[rows, self.start:], skip_special_tokens=True)
+            for row, text in zip(rows, texts):
+                done[row] = any(stop in text for stop in self.stops)
+        return done
+
+
+def transformers_can_stop_on(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> bool:
+    """Whether transformers' ``StopStringCriteria`` can read this tokenizer.
+
+    It works out the text of each vocabulary token by tokenizing a probe
+    word; word-level vocabularies without that word (small test tokenizers)
+    make it fail. Its tables are cached, so building it again is cheap.
+    """
+    try:
+        StopStringCriteria(tokenizer, list(stops))
+    except ValueError:
+        return False
+    return True
+
+
+def stop_criterion(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> StoppingCriteria:
+    """``StopOnGeneratedStrings``, or ``StopOnStringsTail`` for a tokenizer transformers cannot read."""
+    if transformers_can_stop_on(tokenizer, stops):
+        return StopOnGeneratedStrings(tokenizer, stops)
+    return StopOnStringsTail(tokenizer, stops)
+
+
+class StopOnStringsTail(StoppingCriteria):
+    """Ends each row once its generated text holds a stop string, decoding only its last tokens.
+
+    The fallback for tokenizers that transformers' ``StopStringCriteria``
+    cannot read. A stop string is found at the step whose token completes
+    it, and every token spells at least one byte of text, so the last
+    ``bytes of the longest stop + 2`` tokens always hold it (the two spare
+    tokens keep how the window's first token decodes out of the match).
+    Tokens of the prompt are never looked at.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stops = tuple(stops)
+        self.window = max(len(s.encode()) for s in self.stops) + 2
+        self.start: int | None = None  # where generated tokens begin; known at the first call
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1  # called once a token has been added
+        tail = input_ids[:, max(self.start, input_ids.shape[1] - self.window):]
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stops) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
+
+
+class RowBudgets(StoppingCriteria):
+    """Ends each row once it has generated its own number of new tokens.
+
+    ``generate`` takes one ``max_new_tokens`` for the whole batch (the
+    largest row budget); this lets rows with smaller budgets finish sooner,
+    so that the batch ends when every row has used its own.
+    """
+
+    def __init__(self, budgets: Sequence[int]) -> None:
+        self.budgets = torch.tensor(list(budgets), dtype=torch.long)
+        self.start: int | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
+        if self.start is None:
+            self.start = input_ids.shape[1] - 1
+        return (input_ids.shape[1] - self.start) >= self.budgets.to(input_ids.device)
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -110,30 +196,71 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, left: bool = True
     return ids, mask
 
 
-@torch.no_grad()
-def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, options: GenerationOptions,
-                   max_new_tokens: int | None = None) -> list[str]:
-    """Generated texts (prompts excluded, stop strings cut) for one padded batch."""
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-    budget = max_new_tokens or options.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    kwargs: dict[str, object] = {"max_new_tokens": budget, "eos_token_id": stop_token_ids(model, tokenizer),
-                                 "pad_token_id": tokenizer.pad_token_id, "do_sample": options.temperature > 0}
+def generate_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions,
+                    max_new_tokens: int, row_budgets: Sequence[int] | None = None) -> dict[str, Any]:
+    """Keyword arguments for ``model.generate`` that decode as ``options`` say.
+
+    Stop strings are matched by transformers' ``StopStringCriteria``, which
+    checks only the newest tokens at each step (see ``stop_criterion``).
+    Rows of a batch stop independently (on a stop string, an end-of-sequence
+    token or their own budget; a stopped row is then filled with padding),
+    and the batch ends when every row has stopped.
+    """
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_token_ids(model, tokenizer),
+                              "pad_token_id": tokenizer.pad_token_id, "do_sample": options.temperature > 0}
     if options.temperature > 0:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=0)
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
-    prompt_length = 0 if encoder_decoder else input_ids.shape[1]
+    criteria: list[StoppingCriteria] = []
     if options.stop:
-        kwargs["stopping_criteria"] = StoppingCriteriaList([StopOnStrings(tokenizer, options.stop, prompt_length)])
+        criteria.append(stop_criterion(tokenizer, options.stop))
+    if row_budgets is not None and min(row_budgets) < max_new_tokens:
+        criteria.append(RowBudgets(row_budgets))
+    if criteria:
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
+    return kwargs
+
+
+@torch.no_grad()
+def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor, options: GenerationOptions, max_new_tokens: int | None = None,
+                 row_budgets: Sequence[int] | None = None) -> torch.Tensor:
+    """The generated token ids of one padded batch, ``(batch, new tokens)``, prompts excluded.
+
+    Rows that stopped before the longest one are filled with the pad token.
+    ``row_budgets`` (one per row) caps each row's new tokens below the
+    batch's ``max_new_tokens`` (default: the largest row budget, else
+    ``options.max_new_tokens``, else ``DEFAULT_MAX_NEW_TOKENS``).
+    """
+    if row_budgets is not None and len(row_budgets) != len(input_ids):
+        raise GenerationError(f"{len(row_budgets)} row budgets for {len(input_ids)} rows")
+    budget = (max_new_tokens or (max(row_budgets) if row_budgets else None) or options.max_new_tokens
+              or DEFAULT_MAX_NEW_TOKENS)
+    kwargs = generate_kwargs(model, tokenizer, options, budget, row_budgets)
+    if options.temperature > 0 and options.seed is not None:
+        torch.manual_seed(options.seed)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     was_training = model.training
     model.eval()
     try:
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         model.train(was_training)
-    texts = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
-    return [cut_at_stop(text, options.stop).strip() for text in texts]
+    # An encoder-decoder returns decoder ids only (from its start token, which decoding skips).
+    return output if encoder_decoder else output[:, input_ids.shape[1]:]
+
+
+def decode_generated(tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, stops: Sequence[str]) -> list[str]:
+    """The text of each row of generated ids, cut before its first stop string and stripped."""
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [cut_at_stop(text, stops).strip() for text in texts]
+
+
+def generate_batch(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor, options: GenerationOptions,
+                   max_new_tokens: int | None = None, row_budgets: Sequence[int] | None = None) -> list[str]:
+    """Generated texts (prompts excluded, stop strings cut) for one padded batch; see ``generate_ids``."""
+    ids = generate_ids(model, tokenizer, input_ids, attention_mask, options, max_new_tokens, row_budgets)
+    return decode_generated(tokenizer, ids, options.stop)
 
 
 def generate_from_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -161,3 +288,17 @@ def generate_from_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         with route(model, names) if names is not None else contextlib.nullcontext():
             texts += generate_batch(model, tokenizer, input_ids, attention_mask, options)
     return texts
+
+
+def trim_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 left: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the columns that are padding in every row: leading ones (``left``) or trailing ones.
+
+    A subset of a batch's rows still carries the padding of the batch's
+    longest row; without it, the model attends over fewer positions.
+    """
+    real = attention_mask.bool().any(dim=0).nonzero().flatten()
+    if not len(real):
+        return input_ids, attention_mask
+    span = slice(int(real[0]), None) if left else slice(0, int(real[-1]) + 1)
+    return input_ids[:, span], attention_mask[:, span]

@@ -25,6 +25,7 @@ from adapterkit.tasks.generation import (
     DEFAULT_MAX_NEW_TOKENS,
     GenerationOptions,
     generate_batch,
+    trim_padding,
 )
 from adapterkit.tasks.registry import register_task
 from adapterkit.tasks.text_metrics import bleu_chrf, perplexity
@@ -43,6 +44,7 @@ class Seq2SeqTask(Task):
 
     def __init__(self, generation: GenerationOptions | None = None) -> None:
         self.generation = generation or GenerationOptions()
+        self.generate = True  # False: score perplexity only, generate nothing
         self._tokenizer: PreTrainedTokenizerBase | None = None  # set by encode/collate, for decoding
 
     def _lengths(self, data: TaskData, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
@@ -108,7 +110,7 @@ class Seq2SeqTask(Task):
         for key, pad in (("input_ids", tokenizer.pad_token_id), ("attention_mask", 0), ("labels", IGNORE)):
             width = max(len(f[key]) for f in features)
             batch[key] = torch.tensor([list(f[key]) + [pad] * (width - len(f[key])) for f in features])
-        batch["max_new_tokens"] = torch.tensor(max(f["_budget"] for f in features))
+        batch["max_new_tokens"] = torch.tensor([f["_budget"] for f in features])  # one budget per row
         return batch
 
     def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,9 +132,20 @@ class Seq2SeqTask(Task):
             counts += mask.sum(dim=1).tolist()
         if self._tokenizer is None:
             raise RuntimeError("seq2seq: encode or collate must run before infer (it needs the tokenizer)")
-        texts = generate_batch(model, self._tokenizer, batch["input_ids"], batch["attention_mask"],
-                               self.generation, int(batch["max_new_tokens"]))
+        texts: list[str | None] = [None] * len(labels)
+        if self.generate:
+            options = self.generation_options()
+            budgets = batch["max_new_tokens"].tolist()
+            # ``options.batch_size`` rows at a time: fewer rows keep generating after theirs has ended.
+            for start in range(0, len(labels), options.batch_size):
+                chunk = slice(start, start + options.batch_size)
+                ids, mask = trim_padding(batch["input_ids"][chunk], batch["attention_mask"][chunk], left=False)
+                texts[chunk] = generate_batch(model, self._tokenizer, ids, mask, options, row_budgets=budgets[chunk])
         return [Generation(t, float(s), int(c)) for t, s, c in zip(texts, sums, counts)]
+
+    def generation_options(self, tokenizer: PreTrainedTokenizerBase | None = None) -> GenerationOptions:
+        """The decoding settings generation uses (``self.generation``; the tokenizer adds nothing)."""
+        return self.generation
 
     def decode(self, data: TaskData, features: Sequence[Feature], outputs: Sequence[Generation]) -> list[Generation]:
         predictions: list[Generation | None] = [None] * len(data)
@@ -141,12 +154,13 @@ class Seq2SeqTask(Task):
         return [p if p is not None else Generation(None, 0.0, 0) for p in predictions]
 
     def score(self, data: TaskData, predictions: Sequence[Generation], outputs: Sequence[Any]) -> dict[str, Any]:
-        pairs = [(p.text or "", e["target"]) for e, p in zip(data.examples, predictions) if e.get("target") is not None]
+        pairs = [(p.text, e["target"]) for e, p in zip(data.examples, predictions) if e.get("target") is not None]
         if not pairs:
             raise UsageError(f"{data.source}: no targets to score against")
         total_nll = sum(p.nll for p in predictions)
         total_tokens = sum(p.tokens for p in predictions)
-        metrics: dict[str, Any] = bleu_chrf([g for g, _ in pairs], [r for _, r in pairs])
+        generated = [(g, r) for g, r in pairs if g is not None]  # none with ``self.generate`` off
+        metrics: dict[str, Any] = bleu_chrf([g for g, _ in generated], [r for _, r in generated]) if generated else {}
         metrics.update({"loss": total_nll / max(total_tokens, 1), "perplexity": perplexity(total_nll, total_tokens),
                         "count": len(pairs), "target_tokens": total_tokens})
         return metrics
