@@ -14,7 +14,7 @@ import yaml
 
 from adapterkit.cli.main import main
 from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
-from tests.tiny_lm import tiny_model_folder, toy_instructions, toy_translation
+from tests.tiny_lm import tiny_model_folder, toy_arithmetic, toy_instructions, toy_translation
 from tests.tiny_ner import tiny_ner_folder, toy_ner
 from tests.tiny_qa import tiny_qa_folder, toy_colours, write_squad
 from tests.tiny_text import tiny_bert_folder, toy_sentiment
@@ -124,3 +124,32 @@ def test_base_model_evaluation_works_for_the_encoder_tasks(tmp_path: Path, capsy
     _, out = _run(capsys, monkeypatch, ["evaluate", "--model", str(qa), "--task", "question-answering",
                                         "--data", str(tmp_path / "qa.json"), "--json"])
     assert {"exact_match", "f1"} <= set(json.loads(out))
+
+
+def test_evaluate_generation_flags_reach_the_generated_metrics(causal_run, capsys, monkeypatch) -> None:
+    root, model, adapter = causal_run
+    capsys.readouterr()
+    (root / "arithmetic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in toy_arithmetic(6)))
+    flags = ["--data", str(root / "arithmetic.jsonl"), "--max-new-tokens", "3", "--stop", "STOP", ".",
+             "--batch-size", "4", "--json"]
+    for source in (["--adapter", str(adapter)], ["--model", str(model), "--task", "causal-lm"]):
+        _, out = _run(capsys, monkeypatch, ["evaluate", *source, *flags])
+        metrics = json.loads(out)
+        assert metrics["answered"] == 6 and "exact_match" in metrics
+        assert metrics["settings"]["generation"] == {"generate": True, "max_new_tokens": 3, "temperature": 0.0,
+                                                     "top_p": 1.0, "stop": ["STOP", "."], "seed": None,
+                                                     "batch_size": 4}
+        _, out = _run(capsys, monkeypatch, ["evaluate", *source, "--data", str(root / "arithmetic.jsonl"),
+                                            "--no-generate", "--json"])
+        alone = json.loads(out)
+        assert "exact_match" not in alone and alone["perplexity"] == pytest.approx(metrics["perplexity"])
+        assert alone["settings"]["generation"]["generate"] is False
+
+
+def test_evaluate_refuses_generation_flags_for_a_classifier(tmp_path: Path, capsys) -> None:
+    bert = tiny_bert_folder(tmp_path / "bert")
+    pd.DataFrame(toy_sentiment(8)).to_csv(tmp_path / "test.csv", index=False)
+    for flag in (["--max-new-tokens", "4"], ["--no-generate"]):
+        code = main(["evaluate", "--model", str(bert), "--task", "classification",
+                     "--data", str(tmp_path / "test.csv"), *flag])
+        assert code == 2 and "apply to causal-lm and seq2seq" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from adapterkit.evaluate import format_adapter_info, format_metrics
 from adapterkit.evaluate import predict as predict_texts
 from adapterkit.evaluate.base_model import evaluate_base_model
 from adapterkit.models import adapter_info, load_with_adapter
-from adapterkit.tasks import get_task
+from adapterkit.tasks import get_task, task_name_for_model
 
 # The methods a user can name: whatever the registry holds, by its shortest name.
 Method = Literal[tuple(method_choices())]  # type: ignore[valid-type]
@@ -122,8 +122,14 @@ def evaluate(
     split: str = "test",
     text_column: str | None = None,
     label_column: str | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_length: int | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    no_generate: bool = False,
     json: bool = False,
 ) -> int:
     """Evaluate a trained adapter on labelled data (its base model comes from the adapter folder),
@@ -137,22 +143,37 @@ def evaluate(
         split: split of a built-in data set.
         text_column: column with the text (default: as in training).
         label_column: column with the label (default: as in training).
-        batch_size: examples per forward pass.
+        batch_size: examples per forward pass (default 64); causal-lm and seq2seq: also prompts generated
+            together (default 16).
         max_length: longest input in tokens (default: as in training; for a base model 512).
-        json: print all metrics as JSON.
+        max_new_tokens: causal-lm and seq2seq: most tokens generated per example (default: from the reference's
+            length).
+        temperature: causal-lm and seq2seq: 0 (the default) generates greedily; above 0 samples at this temperature.
+        top_p: causal-lm and seq2seq: nucleus sampling probability mass (with --temperature).
+        stop: causal-lm and seq2seq: strings that end a generation (cut from it before scoring).
+        seed: causal-lm and seq2seq: random seed for sampling.
+        no_generate: causal-lm and seq2seq: score perplexity alone, without generating (no exact match, BLEU, chrF).
+        json: print all metrics as JSON, with the generation settings under "settings".
     """
+    from adapterkit.cli.generation import evaluation_generation
+
     chosen = {k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}
+    scoring = {"batch_size": batch_size} if batch_size is not None else {}
+    flags = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "stop": stop,
+             "seed": seed}
     if adapter is None:
         if model is None:
             raise UsageError("give --adapter DIR/adapter, or --model NAME (and --task) to evaluate a base model")
-        metrics = evaluate_base_model(model, task or "classification", data, split=split,
-                                      batch_size=batch_size, max_length=max_length, **chosen)
+        options = evaluation_generation(task or "classification", batch_size, **flags)
+        metrics = evaluate_base_model(model, task or "classification", data, split=split, max_length=max_length,
+                                      generation=options, generate=not no_generate, **scoring, **chosen)
         print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
         return 0
     loaded, tokenizer, metadata = load_with_adapter(adapter)
     columns = {**metadata.get("columns", {}), **chosen}
-    metrics = evaluate_model(loaded, tokenizer, data, split=split, batch_size=batch_size,
-                             max_length=max_length or metadata.get("max_length"), **columns)
+    options = evaluation_generation(task_name_for_model(loaded), batch_size, **flags)
+    metrics = evaluate_model(loaded, tokenizer, data, split=split, max_length=max_length or metadata.get("max_length"),
+                             generation=options, generate=not no_generate, **scoring, **columns)
     print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
     return 0
 

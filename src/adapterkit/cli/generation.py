@@ -5,7 +5,7 @@ from __future__ import annotations
 import json as json_lib
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -26,6 +26,27 @@ def _load(adapter: Path | None, model: str | None, task: str) -> tuple[PreTraine
         raise UsageError("give --adapter DIR/adapter, or --model NAME for the base model alone")
     loaded, tokenizer = load_model(model, task=task)
     return loaded.eval(), tokenizer
+
+
+def evaluation_generation(task: str, batch_size: int | None = None, **flags: Any) -> GenerationOptions | None:
+    """The ``GenerationOptions`` that ``adapterkit evaluate``'s flags ask for.
+
+    ``flags`` are the generation flags (``max_new_tokens``, ``temperature``,
+    ``top_p``, ``stop``, ``seed``), ``None`` where not given. For a
+    generative task, ``--batch-size`` also sets how many prompts generate
+    together. For any other task: ``None`` when no generation flag was given
+    (``evaluate`` then refuses nothing), else the options, which ``evaluate``
+    refuses with a message naming the tasks they apply to.
+    """
+    from adapterkit.evaluate.api import is_generative
+    from adapterkit.tasks import get_task
+
+    given = {k: (tuple(v) if k == "stop" else v) for k, v in flags.items() if v is not None}
+    if not is_generative(get_task(task)):
+        return GenerationOptions(**given) if given else None
+    if batch_size is not None:
+        given["batch_size"] = batch_size
+    return GenerationOptions(**given)
 
 
 def generate(

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data import TaskData, load_data
+from adapterkit.errors import UsageError
 from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.evaluate.runner import run_inference
 from adapterkit.tasks import get_task, task_name_for_model
+from adapterkit.tasks.base import Task
+from adapterkit.tasks.generation import GenerationOptions, generation_settings
 
 DEFAULT_MAX_LENGTH = 512
+SETTINGS_KEY = "settings"  # where ``evaluate`` records the settings it ran with, in its metrics
 
 
 def model_labels(model: PreTrainedModel) -> list[str] | None:
@@ -33,6 +37,43 @@ def _max_length(tokenizer: PreTrainedTokenizerBase, max_length: int | None) -> i
     return min(int(limit), DEFAULT_MAX_LENGTH)
 
 
+def is_generative(task: Task) -> bool:
+    """Whether the task generates text when it evaluates (``causal-lm``, ``seq2seq``)."""
+    return isinstance(getattr(task, "generation", None), GenerationOptions)
+
+
+def configure_generation(task: Task, generation: GenerationOptions | Mapping[str, Any] | None = None,
+                         generate: bool = True) -> None:
+    """Give a generative task its decoding settings, or switch its generation off.
+
+    Raises ``UsageError`` when settings are given to a task that generates nothing.
+    """
+    if not is_generative(task):
+        if generation is not None or not generate:
+            raise UsageError(f"{task.name} does not generate text: generation settings "
+                             "(max_new_tokens, temperature, stop, no-generate...) apply to causal-lm and seq2seq")
+        return
+    if isinstance(generation, Mapping):
+        generation = GenerationOptions(**generation)
+    if generation is not None:
+        task.generation = generation
+    task.generate = generate
+
+
+def evaluation_settings(task: Task, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The settings an evaluation ran with, as ``evaluate`` records them under ``metrics["settings"]``.
+
+    One entry per group of settings; today ``"generation"`` for the
+    generative tasks (see ``generation_settings``). Settings that shape every
+    task's figures belong here too, so that one dict tells what a figure
+    was measured with. Empty for a task with nothing to record.
+    """
+    settings: dict[str, Any] = {}
+    if is_generative(task):
+        settings["generation"] = generation_settings(task.generation_options(tokenizer), task.generate)
+    return settings
+
+
 def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -42,6 +83,8 @@ def evaluate(
     max_length: int | None = None,
     output_dir: str | os.PathLike | None = None,
     split: str = "test",
+    generation: GenerationOptions | Mapping[str, Any] | None = None,
+    generate: bool = True,
     **columns: str | None,
 ) -> dict[str, Any]:
     """Metrics of the model on labelled ``data``.
@@ -53,14 +96,25 @@ def evaluate(
         output_dir: when given, writes ``metrics.json`` and, for labelled
             tasks, ``confusion_matrix.png`` there.
         split: the split of a built-in data set.
+        generation: causal-lm and seq2seq: how the generated metrics (exact
+            match, BLEU/chrF) generate, as ``GenerationOptions`` or a dict of
+            its fields (``max_new_tokens``, ``temperature``, ``top_p``,
+            ``stop``, ``seed``, ``batch_size``); default greedy, with
+            ``max_new_tokens`` from each reference's length.
+        generate: causal-lm and seq2seq: ``False`` scores perplexity alone,
+            generating nothing.
         **columns: column names for reading ``data`` (``text_column=...``).
 
     Returns:
         For classification: ``accuracy``, ``macro_precision``, ``macro_recall``,
         ``macro_f1``, ``loss``, ``per_class`` (label -> precision/recall/f1/support),
         ``confusion_matrix`` (rows true, columns predicted), ``labels``, ``count``.
+        For causal-lm and seq2seq also ``settings`` (see ``evaluation_settings``):
+        ``{"generation": {"generate", "max_new_tokens", "temperature", "top_p",
+        "stop", "seed", "batch_size"}}``.
     """
     task = get_task(data.task if isinstance(data, TaskData) else task_name_for_model(model))
+    configure_generation(task, generation, generate)
     labels = model_labels(model)
     if not isinstance(data, TaskData):
         data = load_data(data, task=task.name, split=split, labels=labels, **columns)
@@ -68,6 +122,9 @@ def evaluate(
     length = _max_length(tokenizer, max_length)
     predictions, outputs = run_inference(model, tokenizer, task, data, length, batch_size)
     metrics = task.score(data, predictions, outputs)
+    settings = evaluation_settings(task, tokenizer)
+    if settings:
+        metrics[SETTINGS_KEY] = settings
     if output_dir is not None:
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,6 +12,7 @@ from adapterkit.data import TaskData, load_data
 from adapterkit.evaluate.api import evaluate
 from adapterkit.models import load_model
 from adapterkit.models.loading import LABELLED_TASKS
+from adapterkit.tasks.generation import GenerationOptions
 
 HEAD_SEED = 0  # seeds the fresh head of labelled tasks, so the figure is repeatable
 
@@ -23,6 +25,8 @@ def evaluate_base_model(
     split: str = "test",
     batch_size: int = 64,
     max_length: int | None = None,
+    generation: GenerationOptions | Mapping[str, Any] | None = None,
+    generate: bool = True,
     **columns: str | None,
 ) -> dict[str, Any]:
     """Metrics of ``model_name`` itself on ``data`` for ``task``, with no adapter.
@@ -31,6 +35,7 @@ def evaluate_base_model(
     it is. Tasks with a head the base model lacks (classification, NER, QA)
     get a freshly initialised head, seeded with ``HEAD_SEED``, sized from the
     data's labels: the chance-level figure an adapter starts from.
+    ``generation`` and ``generate`` are ``evaluate``'s (generative tasks only).
     """
     if not isinstance(data, TaskData):
         data = load_data(data, task=task, split=split, **columns)
@@ -38,4 +43,5 @@ def evaluate_base_model(
     torch.manual_seed(HEAD_SEED)
     model, tokenizer = load_model(model_name, task=task, labels=labels)
     model.eval()
-    return evaluate(model, tokenizer, data, batch_size=batch_size, max_length=max_length)
+    return evaluate(model, tokenizer, data, batch_size=batch_size, max_length=max_length,
+                    generation=generation, generate=generate)

@@ -66,6 +66,18 @@ class GenerationOptions:
         self.stop = tuple(s for s in self.stop if s)
 
 
+def generation_settings(options: GenerationOptions, generate: bool = True) -> dict[str, Any]:
+    """The decoding settings as evaluation results record them (JSON-ready).
+
+    ``max_new_tokens`` is ``None`` when each example's budget came from its
+    reference's length (see the task's ``BUDGET_FACTOR``); ``generate`` is
+    ``False`` when only perplexity was scored.
+    """
+    return {"generate": generate, "max_new_tokens": options.max_new_tokens, "temperature": options.temperature,
+            "top_p": options.top_p, "stop": list(options.stop), "seed": options.seed,
+            "batch_size": options.batch_size}
+
+
 class StopOnGeneratedStrings(StoppingCriteria):
     """Ends each row of a batch once its generated text holds a stop string, with transformers'
     ``StopStringCriteria`` doing the matching.
