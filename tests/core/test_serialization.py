@@ -258,7 +258,8 @@ def test_missing_folder_and_tensors(saved: Path) -> None:
 
 def test_an_interrupted_swap_is_pointed_out(saved: Path) -> None:
     saved.rename(saved.parent / ".a.old-1234abcd")  # as a crash between the two renames leaves it
-    with pytest.raises(ak.MissingAdapterFileError, match=r"interrupted save left .*\.a\.old-1234abcd"):
+    with pytest.raises(ak.MissingAdapterFileError,
+                       match=r"interrupted between its two renames; .*\.a\.old-1234abcd holds the previous complete"):
         ak.load_adapter(build_tiny("gpt2")[0], saved)
 
 

@@ -212,6 +212,9 @@ def _check_resume(config: RunConfig, folder: RunFolder) -> None:
     if old_method != new_method:  # one line, not every option of both methods
         check_same_run({"method": old_method}, {"method": new_method}, str(folder.final))
     old, new = saved.fingerprint(), config.fingerprint()
+    for key in ("max_length", "max_target_length"):  # unset: the task chooses from the data, as it did
+        if new["train"].get(key) is None:
+            new["train"][key] = old["train"].get(key)
     for key in ("model", "data", "eval_data"):
         a, b = old.get(key), new.get(key)
         if a is not None and b is not None and a != b and Path(a).resolve() == Path(b).resolve():
