@@ -47,9 +47,9 @@ def test_the_settings_used_are_recorded(llama) -> None:
     model, tokenizer = llama
     options = GenerationOptions(max_new_tokens=3, stop=("four",), batch_size=2)
     metrics = ak.evaluate(model, tokenizer, _arithmetic(5), generation=options)
-    assert metrics[SETTINGS_KEY] == {"generation": {
+    assert metrics[SETTINGS_KEY] == {"max_length": 256, "template": "chat template", "generation": {
         "generate": True, "max_new_tokens": 3, "temperature": 0.0, "top_p": 1.0, "stop": ["four"], "seed": None,
-        "batch_size": 2}}
+        "batch_size": 2}}  # 256: the tiny model's context, the causal-lm default below 1024
     assert metrics["answered"] == 5 and "perplexity" in metrics
     # a dict of the options' fields works as well
     same = ak.evaluate(model, tokenizer, _arithmetic(5), generation={"max_new_tokens": 3, "stop": ["four"],
@@ -95,7 +95,8 @@ def test_generation_settings_are_refused_where_nothing_generates(tmp_path) -> No
     model, tokenizer = tiny_lora_classifier(tiny_bert_folder(tmp_path / "bert"), ["neg", "pos"])
     data = ak.load_data(pd.DataFrame(toy_sentiment(6)), task="classification")
     metrics = ak.evaluate(model, tokenizer, data)
-    assert SETTINGS_KEY not in metrics  # nothing to record for a classifier
+    # a classifier records its input length only: 8, the multiple of 8 that fits these short reviews
+    assert metrics[SETTINGS_KEY] == {"max_length": 8}
     with pytest.raises(UsageError, match="causal-lm and seq2seq"):
         ak.evaluate(model, tokenizer, data, generation={"max_new_tokens": 4})
     with pytest.raises(UsageError, match="causal-lm and seq2seq"):

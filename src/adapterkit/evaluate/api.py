@@ -12,11 +12,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data import TaskData, load_data
 from adapterkit.errors import UsageError
+from adapterkit.evaluate.compare import compare_with_base
 from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.evaluate.runner import run_inference
-from adapterkit.tasks import get_task, task_name_for_model
+from adapterkit.tasks import chat_format, get_task, task_name_for_model
 from adapterkit.tasks.base import Task
 from adapterkit.tasks.generation import GenerationOptions, generation_settings
+from adapterkit.tasks.lengths import report_truncation
 
 DEFAULT_MAX_LENGTH = 512
 SETTINGS_KEY = "settings"  # where ``evaluate`` records the settings it ran with, in its metrics
@@ -60,15 +62,21 @@ def configure_generation(task: Task, generation: GenerationOptions | Mapping[str
     task.generate = generate
 
 
-def evaluation_settings(task: Task, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def evaluation_settings(task: Task, tokenizer: PreTrainedTokenizerBase,
+                        max_length: int | None = None) -> dict[str, Any]:
     """The settings an evaluation ran with, as ``evaluate`` records them under ``metrics["settings"]``.
 
-    One entry per group of settings; today ``"generation"`` for the
-    generative tasks (see ``generation_settings``). Settings that shape every
+    One entry per setting or group of settings: ``"max_length"``, the prompt
+    ``"template"`` (causal-lm) and ``"generation"`` for the generative tasks
+    (see ``generation_settings``). Settings that shape every
     task's figures belong here too, so that one dict tells what a figure
     was measured with. Empty for a task with nothing to record.
     """
     settings: dict[str, Any] = {}
+    if max_length is not None:
+        settings["max_length"] = max_length
+    if task.scored_units and "response tokens" in task.scored_units:  # prompts go through a template
+        settings["template"] = "chat template" if chat_format.uses_chat_template(tokenizer) else "plain instruction"
     if is_generative(task):
         settings["generation"] = generation_settings(task.generation_options(tokenizer), task.generate)
     return settings
@@ -85,14 +93,22 @@ def evaluate(
     split: str = "test",
     generation: GenerationOptions | Mapping[str, Any] | None = None,
     generate: bool = True,
+    compare_base: bool = False,
     **columns: str | None,
 ) -> dict[str, Any]:
     """Metrics of the model on labelled ``data``.
 
+    With ``compare_base``, the model is evaluated twice on the same examples
+    with the same settings, with its adapters and without them, and the result
+    is ``{"adapter": metrics, "base": metrics, "change": ..., "settings": ...}``
+    (see ``evaluate/compare.py``).
+
     Args:
         data: a ``TaskData``, or anything ``load_data`` reads (a file, a built-in
             name, a ``datasets.Dataset``...); labels are matched to the model's.
-        batch_size / max_length: inference batching and truncation.
+        batch_size / max_length: inference batching and input length (default: the
+            task's default for this data and model, e.g. the length that fits 99% of
+            the examples for classification, the context up to 1024 for causal-lm).
         output_dir: when given, writes ``metrics.json`` and, for labelled
             tasks, ``confusion_matrix.png`` there.
         split: the split of a built-in data set.
@@ -119,12 +135,16 @@ def evaluate(
     if not isinstance(data, TaskData):
         data = load_data(data, task=task.name, split=split, labels=labels, **columns)
     data = task.relabel(data, labels)
-    length = _max_length(tokenizer, max_length)
-    predictions, outputs = run_inference(model, tokenizer, task, data, length, batch_size)
-    metrics = task.score(data, predictions, outputs)
-    settings = evaluation_settings(task, tokenizer)
-    if settings:
-        metrics[SETTINGS_KEY] = settings
+    length = max_length or task.default_lengths(data, tokenizer, model)["max_length"]
+    report_truncation(task.truncation(data, tokenizer, length), f"evaluation data {data.source}", task.scored_units)
+
+    def run() -> dict[str, Any]:
+        predictions, outputs = run_inference(model, tokenizer, task, data, length, batch_size)
+        scored = task.score(data, predictions, outputs)
+        scored[SETTINGS_KEY] = evaluation_settings(task, tokenizer, length)
+        return scored
+
+    metrics = compare_with_base(model, run) if compare_base else run()
     if output_dir is not None:
         folder = Path(output_dir)
         folder.mkdir(parents=True, exist_ok=True)

@@ -7,12 +7,25 @@ from typing import Any
 HEADLINE_KEYS = ("accuracy", "macro_precision", "macro_recall", "macro_f1", "loss", "count")
 
 
+def format_settings(settings: dict[str, Any], prefix: str = "") -> str:
+    """``max_length=64, generation.temperature=0.0, ...``: what an evaluation ran with, on one line."""
+    parts = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            parts.append(format_settings(value, f"{prefix}{key}."))
+        else:
+            parts.append(f"{prefix}{key}={value}")
+    return ", ".join(p for p in parts if p)
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """Headline numbers, then a per-class table and the confusion matrix when present."""
     lines = [f"{key:<16} {metrics[key]:.4f}" if isinstance(metrics[key], float) else f"{key:<16} {metrics[key]}"
              for key in HEADLINE_KEYS if key in metrics]
     others = [k for k, v in metrics.items() if k not in HEADLINE_KEYS and isinstance(v, (int, float))]
     lines += [f"{key:<16} {metrics[key]:.4f}" for key in others]
+    if metrics.get("settings"):
+        lines.append(f"{'settings':<16} {format_settings(metrics['settings'])}")
     per_class = metrics.get("per_class")
     if per_class:
         width = max(8, *(len(str(label)) for label in per_class))
