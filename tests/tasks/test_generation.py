@@ -15,15 +15,17 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast, Stopp
 
 from adapterkit.data import TaskData
 from adapterkit.tasks import get_task
+from adapterkit.tasks import generation
 from adapterkit.tasks.generation import (
     GenerationOptions,
     StopOnGeneratedStrings,
     StopOnStringsTail,
     cut_at_stop,
     generate_batch,
+    generate_from_ids,
     generate_ids,
-    generate_kwargs,
     pad_prompts,
+    stop_criterion,
     stop_token_ids,
     transformers_can_stop_on,
     trim_padding,
@@ -31,7 +33,14 @@ from adapterkit.tasks.generation import (
 from tests.tiny_lm import one_thread  # noqa: F401  (a fixture)
 from tests.tiny_lm import WORDS, tiny_gpt2, tiny_llama, tiny_t5, tiny_tokenizer
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "segment")
+
+
+@pytest.fixture(params=[generation.SEGMENT_STEPS, 3], ids=["segments-default", "segments-of-3"])
+def segment(request, monkeypatch) -> int:
+    """Every test runs with the default segment length and with rows leaving the batch every 3 tokens."""
+    monkeypatch.setattr(generation, "SEGMENT_STEPS", request.param)
+    return request.param
 PROMPTS = ["say red twice", "what is 2 plus 3 ?", "translate blue to German"]
 
 
@@ -110,7 +119,7 @@ def test_greedy_outputs_equal_the_former_implementation(setup: str) -> None:
         cut += expected != plain
     assert cut >= 2  # the stop strings cut out of the generations did stop them
     # the word-level tokenizer is the one transformers cannot read: there the fallback runs
-    (criterion,) = generate_kwargs(model, tokenizer, GenerationOptions(stop=("a",)), 4)["stopping_criteria"]
+    criterion = stop_criterion(tokenizer, ["a"])
     expected_class = StopOnGeneratedStrings if setup.endswith("bpe") else StopOnStringsTail
     assert type(criterion) is expected_class
     assert transformers_can_stop_on(tokenizer, ["a"]) == setup.endswith("bpe")
@@ -276,3 +285,61 @@ def test_causal_lm_budgets_follow_reference_lengths_and_prompts_are_left_padded(
     fixed = get_task("causal-lm")
     fixed.generation = GenerationOptions(max_new_tokens=5)
     assert [f["_budget"] for f in fixed.encode(data, tokenizer, 64)] == [5, 5]
+
+
+def _two_loras(tokenizer: PreTrainedTokenizerBase):
+    """A tiny Llama with two LoRA adapters of random (non-zero) weights."""
+    import adapterkit as ak
+
+    model = tiny_llama(tokenizer)
+    for name in ("a", "b"):
+        ak.add_adapter(model, name, ak.LoraConfig(rank=2, alpha=8))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for key, param in model.named_parameters():
+            if "lora_" in key:
+                param.normal_(0, 0.5)
+    return model
+
+
+def test_rows_leaving_the_batch_keep_their_own_adapter(monkeypatch) -> None:
+    """Routed generation, rows dropping out every 3 tokens, equals each prompt generated alone."""
+    tokenizer = byte_bpe_tokenizer()
+    model = _two_loras(tokenizer)
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS + ["say blue"]]
+    names = ["a", None, "b", "a"]
+    monkeypatch.setattr(generation, "SEGMENT_STEPS", 3)
+    plain = [generate_from_ids(model, tokenizer, [p], GenerationOptions(max_new_tokens=12), adapter_names=[n])[0]
+             for p, n in zip(prompts, names)]
+    # two letters some generation holds: the rows holding them stop early, the others go on
+    stop = next(t[i:i + 2] for t in plain for i in range(len(t) - 1) if t[i:i + 2].isascii() and t[i:i + 2].isalpha())
+    options = GenerationOptions(max_new_tokens=12, stop=(stop,))
+    sizes: list[int] = []
+    routed = generation._routed_rows
+
+    def spy(model, rows):
+        sizes.append(len(rows))
+        return routed(model, rows)
+
+    monkeypatch.setattr(generation, "_routed_rows", spy)
+    together = generate_from_ids(model, tokenizer, prompts, options, adapter_names=names)
+    monkeypatch.setattr(generation, "_routed_rows", routed)
+    assert sizes[0] == 4 and min(sizes) < 4  # some rows left the batch before the others ended
+    alone = [generate_from_ids(model, tokenizer, [p], options, adapter_names=[n])[0] for p, n in zip(prompts, names)]
+    assert together == alone
+    assert len(set(together)) > 1  # the adapters made a difference
+
+
+def test_only_layer_adapters_on_decoder_models_let_rows_leave() -> None:
+    import adapterkit as ak
+
+    tokenizer = tiny_tokenizer()
+    assert generation.can_drop_finished_rows(tiny_llama(tokenizer))
+    assert not generation.can_drop_finished_rows(tiny_t5(tokenizer))
+    assert generation.can_drop_finished_rows(_two_loras(tokenizer))
+    prefixed = tiny_llama(tokenizer)
+    ak.add_adapter(prefixed, "p", ak.PrefixTuningConfig(num_virtual_tokens=3))
+    assert not generation.can_drop_finished_rows(prefixed)
+    # and a prefix-tuned model still generates, in one call
+    input_ids, mask = _batch(tokenizer, PROMPTS)
+    assert generate_ids(prefixed, tokenizer, input_ids, mask, GenerationOptions(), 20).shape[0] == 3

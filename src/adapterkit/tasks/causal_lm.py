@@ -184,8 +184,12 @@ class CausalLMTask(Task):
         step = max(1, LOGITS_BUDGET // (batch["labels"].shape[1] * model.config.vocab_size))
         for start in range(0, len(nll), step):
             rows = slice(start, start + step)
-            logits = model(**{k: v[rows] for k, v in inputs.items()}, use_cache=False).logits
-            nll[rows], tokens[rows] = response_nll(logits, batch["labels"][rows])
+            chunk, labels = {k: v[rows] for k, v in inputs.items()}, batch["labels"][rows]
+            if "attention_mask" in chunk:  # right-padded: drop the columns these rows all pad
+                width = max(1, int(chunk["attention_mask"].sum(dim=1).max()))
+                chunk, labels = {k: v[:, :width] for k, v in chunk.items()}, labels[:, :width]
+            logits = model(**chunk, use_cache=False).logits
+            nll[rows], tokens[rows] = response_nll(logits, labels)
         texts: list[str | None] = [None] * len(nll)
         if "generate" in batch and self.generate:
             rows = batch["generate"].nonzero().flatten().tolist()

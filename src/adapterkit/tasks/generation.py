@@ -8,7 +8,7 @@ ids and are padded into batches here (on the left for decoder-only models).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,12 +92,12 @@ class StopOnGeneratedStrings(StoppingCriteria):
     itself holds end it.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], start: int | None = None) -> None:
         self.matcher = StopStringCriteria(tokenizer, list(stops))  # ValueError: a tokenizer it cannot read
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
         self.reach = self.matcher.maximum_token_len  # most tokens one match can span
-        self.start: int | None = None  # where generated tokens begin; known at the first call
+        self.start = start  # where generated tokens begin; by default known at the first call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         if self.start is None:
@@ -125,11 +125,15 @@ def transformers_can_stop_on(tokenizer: PreTrainedTokenizerBase, stops: Sequence
     return True
 
 
-def stop_criterion(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> StoppingCriteria:
-    """``StopOnGeneratedStrings``, or ``StopOnStringsTail`` for a tokenizer transformers cannot read."""
+def stop_criterion(tokenizer: PreTrainedTokenizerBase, stops: Sequence[str],
+                   start: int | None = None) -> StoppingCriteria:
+    """``StopOnGeneratedStrings``, or ``StopOnStringsTail`` for a tokenizer transformers cannot read.
+
+    ``start``: the column where generated tokens begin (default: found at the first call).
+    """
     if transformers_can_stop_on(tokenizer, stops):
-        return StopOnGeneratedStrings(tokenizer, stops)
-    return StopOnStringsTail(tokenizer, stops)
+        return StopOnGeneratedStrings(tokenizer, stops, start)
+    return StopOnStringsTail(tokenizer, stops, start)
 
 
 class StopOnStringsTail(StoppingCriteria):
@@ -143,11 +147,11 @@ class StopOnStringsTail(StoppingCriteria):
     Tokens of the prompt are never looked at.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], start: int | None = None) -> None:
         self.tokenizer = tokenizer
         self.stops = tuple(stops)
         self.window = max(len(s.encode()) for s in self.stops) + 2
-        self.start: int | None = None  # where generated tokens begin; known at the first call
+        self.start = start  # where generated tokens begin; by default known at the first call
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
         if self.start is None:
@@ -158,22 +162,33 @@ class StopOnStringsTail(StoppingCriteria):
                             device=input_ids.device)
 
 
-class RowBudgets(StoppingCriteria):
-    """Ends each row once it has generated its own number of new tokens.
+class RowStops(StoppingCriteria):
+    """Whether each row of a batch has finished: a stop string, an end-of-sequence token, or its own budget.
 
-    ``generate`` takes one ``max_new_tokens`` for the whole batch (the
-    largest row budget); this lets rows with smaller budgets finish sooner,
-    so that the batch ends when every row has used its own.
+    ``generate`` takes one ``max_new_tokens`` for the whole batch; each row's
+    own budget ends it sooner. ``done`` remembers the rows that finished
+    (``generate`` pads them from then on), so the batch can drop them
+    between calls (``keep``) and the next call carries on with the rest.
     """
 
-    def __init__(self, budgets: Sequence[int]) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], eos_ids: Sequence[int],
+                 budgets: Sequence[int], start: int) -> None:
+        self.strings = stop_criterion(tokenizer, stops, start) if stops else None
+        self.eos = torch.tensor(list(eos_ids), dtype=torch.long)
         self.budgets = torch.tensor(list(budgets), dtype=torch.long)
-        self.start: int | None = None
+        self.start = start  # column of the first generated token
+        self.done = torch.zeros(len(self.budgets), dtype=torch.bool)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: object) -> torch.BoolTensor:
-        if self.start is None:
-            self.start = input_ids.shape[1] - 1
-        return (input_ids.shape[1] - self.start) >= self.budgets.to(input_ids.device)
+        done = self.done | (input_ids.shape[1] - self.start >= self.budgets) | torch.isin(input_ids[:, -1], self.eos)
+        if self.strings is not None:
+            done = done | self.strings(input_ids, scores).cpu()
+        self.done = done
+        return done.to(input_ids.device)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with these rows only, in this order."""
+        self.done, self.budgets = self.done[rows], self.budgets[rows]
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -208,28 +223,98 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, left: bool = True
     return ids, mask
 
 
-def generate_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions,
-                    max_new_tokens: int, row_budgets: Sequence[int] | None = None) -> dict[str, Any]:
-    """Keyword arguments for ``model.generate`` that decode as ``options`` say.
+# New tokens between the checks for finished rows, which then leave the batch.
+SEGMENT_STEPS = 16
 
-    Stop strings are matched by transformers' ``StopStringCriteria``, which
-    checks only the newest tokens at each step (see ``stop_criterion``).
-    Rows of a batch stop independently (on a stop string, an end-of-sequence
-    token or their own budget; a stopped row is then filled with padding),
-    and the batch ends when every row has stopped.
-    """
+
+def generate_kwargs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, options: GenerationOptions,
+                    max_new_tokens: int, stops: RowStops) -> dict[str, Any]:
+    """Keyword arguments for ``model.generate`` that decode as ``options`` say and stop as ``stops`` does."""
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": stop_token_ids(model, tokenizer),
-                              "pad_token_id": tokenizer.pad_token_id, "do_sample": options.temperature > 0}
+                              "pad_token_id": tokenizer.pad_token_id, "do_sample": options.temperature > 0,
+                              "stopping_criteria": StoppingCriteriaList([stops])}
     if options.temperature > 0:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=0)
-    criteria: list[StoppingCriteria] = []
-    if options.stop:
-        criteria.append(stop_criterion(tokenizer, options.stop))
-    if row_budgets is not None and min(row_budgets) < max_new_tokens:
-        criteria.append(RowBudgets(row_budgets))
-    if criteria:
-        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     return kwargs
+
+
+def can_drop_finished_rows(model: PreTrainedModel) -> bool:
+    """Whether finished rows may leave a batch between ``generate`` calls that share one KV cache.
+
+    Needs a decoder-only model that keeps a cache, and adapters that only
+    change layers: prompt and prefix tuning put virtual tokens in the cache,
+    which a continued ``generate`` call would count as text.
+    """
+    if getattr(model.config, "is_encoder_decoder", False) or not getattr(model.config, "use_cache", True):
+        return False
+    from adapterkit.core.registry import get_method
+    from adapterkit.core.state import get_state, has_state
+
+    return not has_state(model) or all(get_method(c).layer_class is not None
+                                       for c in get_state(model).configs.values())
+
+
+@contextlib.contextmanager
+def _routed_rows(model: PreTrainedModel, rows: torch.Tensor) -> Iterator[None]:
+    """While rows leave a batch, the per-row adapter routing (``adapterkit.route``) follows them."""
+    from adapterkit.core.state import get_state, has_state
+
+    state = get_state(model) if has_state(model) else None
+    routing = state.routing if state is not None else None
+    if routing is None or len(rows) == len(routing):
+        yield
+        return
+    state.routing = [routing[i] for i in rows.tolist()]
+    try:
+        yield
+    finally:
+        state.routing = routing
+
+
+def _cache_of(output: Any) -> Any:
+    """The KV cache a ``generate`` call returned (``cache`` in recent transformers, else ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else getattr(output, "past_key_values", None)
+
+
+def _cache_keyword() -> str:
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def _generate_dropping_finished(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                kwargs: dict[str, Any], stops: RowStops, budget: int, pad_id: int) -> torch.Tensor:
+    """``generate`` in runs of ``SEGMENT_STEPS`` new tokens; after each, finished rows leave the batch.
+
+    transformers keeps computing every row until the last one stops; here the
+    rows still going carry on alone, from the same KV cache (with its
+    finished rows dropped). Returns ``(batch, new tokens)`` like one call.
+    """
+    rows = torch.arange(len(input_ids))
+    result = torch.full((len(input_ids), budget), pad_id, dtype=torch.long)
+    ids, mask, cache, produced = input_ids, attention_mask, None, 0
+    routing_rows = rows
+    while produced < budget:
+        call = {**kwargs, "max_new_tokens": min(SEGMENT_STEPS, budget - produced), "return_dict_in_generate": True}
+        if cache is not None:
+            call[_cache_keyword()] = cache
+        with _routed_rows(model, routing_rows):
+            output = model.generate(input_ids=ids, attention_mask=mask, **call)
+        new = output.sequences[:, ids.shape[1]:]
+        result[rows, produced:produced + new.shape[1]] = new
+        produced += new.shape[1]
+        if bool(stops.done.all()) or produced >= budget:
+            break
+        mask = torch.cat([mask, mask.new_ones(len(mask), new.shape[1])], dim=1)
+        ids, cache = output.sequences, _cache_of(output)
+        keep = (~stops.done).nonzero().flatten()
+        if len(keep) < len(rows):
+            if cache is not None:
+                cache.batch_select_indices(keep)
+            ids, mask, rows, routing_rows = ids[keep], mask[keep], rows[keep], routing_rows[keep]
+            stops.keep(keep)
+    return result[:, :produced]
 
 
 @torch.no_grad()
@@ -238,7 +323,10 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
                  row_budgets: Sequence[int] | None = None) -> torch.Tensor:
     """The generated token ids of one padded batch, ``(batch, new tokens)``, prompts excluded.
 
-    Rows that stopped before the longest one are filled with the pad token.
+    Rows stop independently (on a stop string, an end-of-sequence token or
+    their own budget) and are filled with the pad token afterwards; the batch
+    ends when every row has stopped. Decoder-only models drop finished rows
+    from the batch as they go (see ``can_drop_finished_rows``).
     ``row_budgets`` (one per row) caps each row's new tokens below the
     batch's ``max_new_tokens`` (default: the largest row budget, else
     ``options.max_new_tokens``, else ``DEFAULT_MAX_NEW_TOKENS``).
@@ -247,13 +335,19 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
         raise GenerationError(f"{len(row_budgets)} row budgets for {len(input_ids)} rows")
     budget = (max_new_tokens or (max(row_budgets) if row_budgets else None) or options.max_new_tokens
               or DEFAULT_MAX_NEW_TOKENS)
-    kwargs = generate_kwargs(model, tokenizer, options, budget, row_budgets)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    start = 1 if encoder_decoder else input_ids.shape[1]  # an encoder-decoder's decoder starts with one token
+    stops = RowStops(tokenizer, options.stop, stop_token_ids(model, tokenizer),
+                     [min(b, budget) for b in row_budgets] if row_budgets else [budget] * len(input_ids), start)
+    kwargs = generate_kwargs(model, tokenizer, options, budget, stops)
     if options.temperature > 0 and options.seed is not None:
         torch.manual_seed(options.seed)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     was_training = model.training
     model.eval()
     try:
+        if can_drop_finished_rows(model):
+            return _generate_dropping_finished(model, input_ids, attention_mask, kwargs, stops, budget,
+                                               tokenizer.pad_token_id)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     finally:
         model.train(was_training)
