@@ -55,6 +55,8 @@ def test_the_settings_used_are_recorded(llama) -> None:
     same = ak.evaluate(model, tokenizer, _arithmetic(5), generation={"max_new_tokens": 3, "stop": ["four"],
                                                                      "batch_size": 2})
     assert same == metrics
+    with pytest.raises(UsageError, match="unknown generation settings \\['max_tokens'\\]"):
+        ak.evaluate(model, tokenizer, _arithmetic(2), generation={"max_tokens": 3})
 
 
 def test_generation_batches_do_not_change_greedy_figures(llama) -> None:

@@ -146,7 +146,7 @@ def evaluate(
         text_column: column with the text (default: as in training).
         label_column: column with the label (default: as in training).
         batch_size: examples per forward pass (default 64); causal-lm and seq2seq: also prompts generated
-            together (default 16).
+            together (default 32).
         max_length: longest input in tokens (default: the task's for this data and model, the same with
             --adapter and --model: 99% of the examples for classification and NER, QA windows of 384, the
             context up to 1024 for causal-lm).

@@ -56,6 +56,10 @@ def configure_generation(task: Task, generation: GenerationOptions | Mapping[str
                              "(max_new_tokens, temperature, stop, no-generate...) apply to causal-lm and seq2seq")
         return
     if isinstance(generation, Mapping):
+        fields = sorted(GenerationOptions.__dataclass_fields__)
+        unknown = sorted(set(generation) - set(fields))
+        if unknown:
+            raise UsageError(f"unknown generation settings {unknown}; known: {fields}")
         generation = GenerationOptions(**generation)
     if generation is not None:
         task.generation = generation
