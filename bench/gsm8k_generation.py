@@ -10,7 +10,7 @@ named in ``../shared/datasets/SOURCES.md``, written to a temporary file outside 
 Prints the CPU (``lscpu``), the load average around each run (other processes on the
 machine slow every figure), seconds per problem and the exact match each run measured.
 
-Measured 2025-12-02 on a quiet AMD EPYC VM with 2 CPUs, OMP_NUM_THREADS=2, the first 120
+Measured 2026-12-02 on a quiet AMD EPYC VM with 2 CPUs, OMP_NUM_THREADS=2, the first 120
 problems of the GSM8K training file (the only GSM8K split stored), ``--before`` a worktree
 of commit 1c3b8cf: before 375 s (3.13 s a problem), after 205 s (1.71 s a problem), model
 load included. A busy machine slows two-thread decoding many times over (the same
