@@ -141,6 +141,11 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def replace_folder(new: Path, dest: Path) -> None:
+    """Put the complete folder ``new`` in place of the folder ``dest``, whole, and delete the old one."""
+    _swap_in(new, dest, None, uuid.uuid4().hex[:8])
+
+
 def _swap_in(tmp: Path, dest: Path, owned: Collection[str] | None, token: str) -> None:
     """Carry ``dest``'s foreign entries over into ``tmp``, then put ``tmp`` in ``dest``'s place."""
     if not dest.exists():

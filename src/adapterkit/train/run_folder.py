@@ -21,7 +21,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from adapterkit.core.atomic import exchange, fsync_dir
+from adapterkit.core.atomic import replace_folder
 from adapterkit.errors import ResumeError, RunFolderError
 
 # Entries whose presence means a folder holds (part of) a training run.
@@ -124,13 +124,7 @@ class RunFolder:
         """
         if not self.staging:
             return
-        if not exchange(self.path, self.final):
-            aside = self.final.parent / f".{self.final.name}.replaced-{uuid.uuid4().hex[:8]}"
-            os.rename(self.final, aside)
-            os.rename(self.path, self.final)
-            self.path = aside
-        fsync_dir(self.final.parent)
-        shutil.rmtree(self.path, ignore_errors=True)  # after the swap it holds the earlier run
+        replace_folder(self.path, self.final)  # the earlier run is deleted once the new one is in place
         self.path = self.final
 
     def discard(self) -> None:
