@@ -97,7 +97,7 @@ def test_route_gives_each_example_its_adapter() -> None:
     mask = inputs["attention_mask"].bool()
     for row in range(2):
         assert_close_scaled(routed[row][mask[row]], expected[row][0][mask[row]], ops=forward_ops(model))
-    with pytest.raises(ValueError, match="one name"):
+    with pytest.raises(ValueError, match="one adapter name, plan or None per example"):
         with ak.route(model, ["a"]):
             output_tensor(model, inputs)
 

@@ -29,6 +29,14 @@ def assert_same_tensors(before: dict[str, torch.Tensor], model: torch.nn.Module)
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def assert_restored(before: dict[str, torch.Tensor], model: torch.nn.Module) -> None:
+    """Weights back after merge + unmerge: unmerging divides by the vectors, so within a rounding or two."""
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key in before:
+        assert_close_scaled(after[key], before[key], ops=4, scale=before[key].abs().max().item(), msg=key)
+
+
 @pytest.mark.parametrize("bad", [
     {"targets": []}, {"targets": 3}, {"feedforward": 3},
     {"targets": ["key", "value"], "feedforward": ["output.dense"]},  # feedforward must be a subset
@@ -106,17 +114,17 @@ def test_merge_unmerge_unload(kind: str) -> None:
     ak.merge(model)
     assert_close_scaled(output_tensor(model, inputs), both, ops=forward_ops(model))
     with ak.adapters_disabled(model):  # merged adapters come out while disabled
-        torch.testing.assert_close(output_tensor(model, inputs), reference, rtol=0, atol=0)
+        assert_close_scaled(output_tensor(model, inputs), reference, ops=forward_ops(model))
     ak.unmerge(model, "a")
     ak.set_active(model, "b")
     only_b = output_tensor(model, inputs)
     ak.unmerge(model, "b")
-    assert_same_tensors(unmerged, model)
+    assert_restored(unmerged, model)
     assert_close_scaled(output_tensor(model, inputs), only_b, ops=forward_ops(model))
     ak.merge(model, "b")
     base = ak.unload(model)
-    assert_same_tensors(original, base)
-    torch.testing.assert_close(output_tensor(base, inputs), reference, rtol=0, atol=0)
+    assert_restored(original, base)
+    assert_close_scaled(output_tensor(base, inputs), reference, ops=forward_ops(model))
 
 
 def test_switch_route_delete_and_optimiser_step() -> None:

@@ -1,9 +1,11 @@
 """Adapters on any ``torch.nn.Module``: registry, injection, lifecycle, save/load."""
 
+from adapterkit.core.compose import CompositionError
 from adapterkit.core.config import AdapterConfig, ConfigError
 from adapterkit.core.layers import AdapterLayer, MergeError
 from adapterkit.core.lifecycle import (
     active_adapters,
+    active_plan,
     adapter_parameters,
     adapters_disabled,
     add_adapter,
@@ -17,7 +19,9 @@ from adapterkit.core.lifecycle import (
     trainable_summary,
     unload,
     unmerge,
+    use,
 )
+from adapterkit.core.plan import Average, Fuse, Plan, Route, Stack, Sum, plan_from_dict
 from adapterkit.core.registry import (
     Method,
     get_config_class,
@@ -43,4 +47,6 @@ __all__ = [
     "get_method", "register", "registered_methods",
     "save_adapter", "load_adapter", "read_adapter_metadata", "AdapterFileError",
     "MissingAdapterFileError", "BaseModelMismatchError",
+    "use", "active_plan", "Plan", "Stack", "Sum", "Average", "Fuse", "Route", "plan_from_dict",
+    "CompositionError",
 ]

@@ -14,8 +14,40 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from adapterkit.core.compose import Algebra, cached_fold, route_groups
 from adapterkit.core.config import AdapterConfig
 from adapterkit.core.layers import AdapterLayer
+from adapterkit.core.plan import Fuse, Route
+
+# Which head copies answer, with what weight: ((adapter or None for the base head, weight), ...).
+Choice = tuple[tuple[str | None, float], ...]
+
+
+class HeadChoice(Algebra[Choice]):
+    """Which head answers a plan: Sum's first part, Stack's last, Average's weighted outputs, a fusion's own."""
+
+    def __init__(self, layer: "HeadLayer") -> None:
+        self.layer = layer
+
+    def leaf(self, name: str) -> Choice | None:
+        return ((name, 1.0),) if name in self.layer.copies else None
+
+    def sum(self, parts: list[Choice]) -> Choice:
+        return parts[0]
+
+    def stack(self, parts: list[Choice]) -> Choice:
+        return parts[-1]  # a task adapter stacked on a language adapter answers with its own head
+
+    def average(self, parts: list[tuple[Choice | None, float]]) -> Choice:
+        choice: list[tuple[str | None, float]] = []
+        for part, weight in parts:
+            for name, inner in part if part is not None else ((None, 1.0),):
+                choice.append((name, inner * weight))
+        return tuple(choice)
+
+    def fuse(self, node: Fuse, parts: list[Choice | None]) -> Choice | None:
+        own = self.leaf(node.fusion) if node.fusion is not None else None
+        return own if own is not None else next((p for p in parts if p is not None), None)
 
 
 class HeadLayer(AdapterLayer):
@@ -27,6 +59,7 @@ class HeadLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, state: Any) -> None:
         super().__init__(base_layer, state)
         self.copies = nn.ModuleDict()
+        self.choice = HeadChoice(self)
 
     def add_adapter(self, name: str, config: AdapterConfig | None = None) -> None:
         """Give adapter ``name`` its own copy of the head, starting from the current weights."""
@@ -36,24 +69,29 @@ class HeadLayer(AdapterLayer):
         self.copies[name] = head
 
     def forward(self, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        routes = self.routing(hidden.shape[0])
-        if routes is not None:
-            return self._routed(hidden, routes, *args, **kwargs)
-        active = self.active_adapters()
-        module = self.copies[active[0]] if active else self.base_layer
-        return module(hidden, *args, **kwargs)
+        plan = self.plan()
+        if isinstance(plan, Route):
+            return self._routed(hidden, plan, *args, **kwargs)
+        return self._answer(cached_fold(self, plan, self.choice), hidden, *args, **kwargs)
 
-    def _routed(self, hidden: torch.Tensor, routes: list[str | None], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each example through the head of the adapter it is routed to."""
-        held = self.adapter_names()
+    def _answer(self, choice: Choice | None, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if choice is None:
+            return self.base_layer(hidden, *args, **kwargs)
+        if len(choice) == 1 and choice[0][1] == 1.0:
+            return self._module(choice[0][0])(hidden, *args, **kwargs)
+        outputs = [self._module(name)(hidden, *args, **kwargs) * weight for name, weight in choice]
+        return sum(outputs[1:], outputs[0])
+
+    def _module(self, name: str | None) -> nn.Module:
+        return self.base_layer if name is None else self.copies[name]
+
+    def _routed(self, hidden: torch.Tensor, route: Route, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each example through the head its plan chooses."""
         out: torch.Tensor | None = None
-        groups: dict[str | None, list[int]] = {}
-        for row, name in enumerate(routes):
-            groups.setdefault(name if name in held else None, []).append(row)
-        for name, rows in groups.items():
-            module = self.copies[name] if name is not None else self.base_layer
+        for entry, rows in route_groups(route, hidden.shape[0]).items():
+            choice = None if entry is None else cached_fold(self, entry, self.choice)
             index = torch.tensor(rows, device=hidden.device)
-            part = module(hidden.index_select(0, index), *args, **kwargs)
+            part = self._answer(choice, hidden.index_select(0, index), *args, **kwargs)
             if out is None:
                 out = part.new_empty((hidden.shape[0],) + tuple(part.shape[1:]))
             out.index_copy_(0, index, part)

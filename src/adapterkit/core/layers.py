@@ -12,9 +12,15 @@ from typing import Callable, ClassVar, Iterator
 import torch
 import torch.nn as nn
 
+from adapterkit.core.compose import Algebra, route_groups
 from adapterkit.core.config import AdapterConfig
+from adapterkit.core.context import current_plan, override
+from adapterkit.core.plan import Plan, Route
 from adapterkit.core.state import AdapterState
-from adapterkit.errors import UnknownNameError, UsageError, UserError
+from adapterkit.errors import UnknownNameError, UserError
+
+# (adapter name, weight) pairs: what an additive method's plan reduces to at one layer.
+Terms = tuple[tuple[str, float], ...]
 
 
 class MergeError(UserError, RuntimeError):
@@ -72,27 +78,19 @@ class AdapterLayer(nn.Module):
         """True when this layer carries weights of adapter ``name``."""
         return name in self.adapter_names()
 
-    def active_adapters(self) -> list[str]:
-        """Adapters to apply on top of the (possibly merged) base output."""
-        state = self.__dict__["_state"]
-        if state.disabled or not state.active:
-            return []
-        held = self.adapter_names()
-        merged = self.merged_adapters
-        return [n for n in state.active if n in held and n not in merged]
+    def applies(self, name: str) -> bool:
+        """True when adapter ``name`` changes this layer's output on top of the base (held, not merged)."""
+        return name not in self.merged_adapters and self.has_adapter(name)
 
-    def routing(self, batch_size: int) -> list[str | None] | None:
-        """The per-example adapter list when routing is on, checked against the batch."""
-        state = self.__dict__["_state"]
-        routes = state.routing
-        if routes is None or state.disabled:
-            return None
-        if len(routes) != batch_size:
-            raise UsageError(
-                f"route() was given {len(routes)} adapter names but the batch holds "
-                f"{batch_size} examples; give one name (or None) per example"
-            )
-        return routes
+    def plan(self) -> "Plan | str":
+        """The plan this forward runs: the caller's override, else the model's default."""
+        return current_plan(self.__dict__["_state"])
+
+    def active_adapters(self) -> list[str]:
+        """Adapters of the current plan that apply at this layer (for inspection and tests)."""
+        plan = self.plan()
+        names = plan.names() if not isinstance(plan, str) else (plan,)
+        return [n for n in names if self.applies(n)]
 
     # --- lifecycle -------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
@@ -135,32 +133,77 @@ class AdapterLayer(nn.Module):
         return ref.device, dtype
 
 
+class WeightedTerms(Algebra[Terms]):
+    """The algebra of additive updates (LoRA deltas, BitFit offsets): every plan is a weighted sum.
+
+    Stack and Sum add the parts' updates, Average weights them; the result is a
+    tuple of (adapter, weight) that the layer applies as ``out + sum(w * delta)``.
+    """
+
+    def __init__(self, layer: AdapterLayer) -> None:
+        self.layer = layer
+
+    def leaf(self, name: str) -> Terms | None:
+        return ((name, 1.0),) if self.layer.applies(name) else None
+
+    def sum(self, parts: list[Terms]) -> Terms:
+        return tuple(t for part in parts for t in part)
+
+    stack = sum  # an additive update does not depend on what ran before it
+
+    def average(self, parts: list[tuple[Terms | None, float]]) -> Terms:
+        return tuple((n, c * w) for part, w in parts if part is not None for n, c in part)
+
+
+def apply_terms(terms: Terms, delta: Callable[[str], torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """``out + sum(weight * delta(name))`` with a weight of 1 costing no multiplication."""
+    for name, weight in terms:
+        change = delta(name).to(out.dtype)
+        out = out + (change if weight == 1.0 else change * weight)
+    return out
+
+
 def routed_sum(
     x: torch.Tensor,
-    routes: list[str | None],
-    held: list[str],
-    delta: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor],
+    route: Route,
+    change: Callable[["Plan | str", torch.Tensor, torch.Tensor], torch.Tensor | None],
     out: torch.Tensor,
 ) -> torch.Tensor:
-    """Add ``delta(name, x_rows, out_rows)`` to the rows of ``out`` routed to each adapter.
+    """Add ``change(entry, x_rows, out_rows)`` to the rows of ``out`` routed to each entry.
 
-    ``x`` and ``out`` have the batch on dim 0; rows routed to ``None`` or to an
-    adapter this layer does not hold are left as they are.
+    ``x`` and ``out`` have the batch on dim 0; rows routed to ``None``, or to a
+    plan that changes nothing at this layer (``change`` returns None), are
+    left as they are.
     """
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(routes):
-        if name is not None and name in held:
-            groups.setdefault(name, []).append(row)
-    if not groups:
-        return out
-    if len(groups) == 1 and len(next(iter(groups.values()))) == len(routes):
-        return out + delta(next(iter(groups)), x, out)
-    result = out.clone()
-    for name, rows in groups.items():
+    groups = route_groups(route, x.shape[0])
+    if len(groups) == 1:
+        entry = next(iter(groups))
+        if entry is None:
+            return out
+        part = change(entry, x, out)
+        return out if part is None else out + part.to(out.dtype)
+    result = None
+    for entry, rows in groups.items():
+        if entry is None:
+            continue
         index = torch.tensor(rows, device=x.device)
-        part = delta(name, x.index_select(0, index), out.index_select(0, index))
+        part = change(entry, x.index_select(0, index), out.index_select(0, index))
+        if part is None:
+            continue
+        if result is None:
+            result = out.clone()
         result.index_add_(0, index, part.to(out.dtype))
-    return result
+    return out if result is None else result
+
+
+def call_rows(route: Route, rows: list[int], state: AdapterState, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Run ``fn`` on a sub-batch of a routed batch, with the route narrowed to those rows.
+
+    Wrappers nested inside the caller then see a route that matches the rows
+    they are given.
+    """
+    with override(state, Route([route.entries[r] for r in rows])):
+        return fn()
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -8,11 +8,13 @@ place; the model keeps its class, so ``generate()``, the Hugging Face
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch.nn as nn
 
+from adapterkit.core.compose import resolve_plan, trainable_names
 from adapterkit.core.config import AdapterConfig
+from adapterkit.core.context import current_plan, override
 from adapterkit.core.heads import HeadLayer
 from adapterkit.core.layers import (
     AdapterLayer,
@@ -23,6 +25,7 @@ from adapterkit.core.layers import (
     innermost,
     set_submodule,
 )
+from adapterkit.core.plan import Average, Plan, PlanLike, Route, Stack, Sum
 from adapterkit.core.registry import get_method, prune_empty_layers, wrap
 from adapterkit.core.state import (
     STATE_ATTR,
@@ -67,60 +70,83 @@ def add_adapter(
     except Exception:
         _remove(model, name, state)
         raise
-    state.active = [name]
+    state.changed()
+    state.default = resolve_plan(state, name)
     # New layers are built in training mode; follow the model's mode so that an
     # adapter added to a model in eval mode does not apply dropout.
     model.train(model.training)
     refresh_trainable(model)
 
 
-def set_active(model: nn.Module, names: str | Sequence[str] | None) -> None:
-    """Choose the adapter(s) used by the next forward passes (None: the base model).
+def set_active(model: nn.Module, plan: PlanLike) -> None:
+    """Set the plan forwards run by default: a name, a list of names (a ``Sum``), a plan, or None (the base).
 
-    With several names, layer adapters apply together (LoRA deltas add up) and
-    the first adapter's head answers. The active adapters' parameters become
-    the trainable ones.
+    With several adapters in a Sum, layer adapters apply together (LoRA deltas
+    add up) and the first adapter's head answers. The parameters of the
+    plan's adapters become the trainable ones. For one thread or request
+    only, use ``with use(model, plan):`` instead.
     """
     state = get_state(model)
-    wanted = [] if names is None else [names] if isinstance(names, str) else list(names)
-    _check_names(state, wanted)
-    state.active = wanted
+    resolved = _checked(model, state, plan)
+    state.default = resolved
     refresh_trainable(model)
 
 
 @contextmanager
+def use(model: nn.Module, plan: PlanLike) -> Iterator[nn.Module]:
+    """Within the block, forwards of ``model`` in this thread / asyncio task run ``plan``.
+
+    Nothing is written onto the model: other threads keep running the
+    default plan (or their own ``use``), so one model can serve several
+    adapters at once.
+    """
+    state = get_state(model)
+    resolved = _checked(model, state, plan)
+    with override(state, resolved):
+        yield model
+
+
+def active_plan(model: nn.Module) -> "Plan | str":
+    """The plan the next forward of ``model`` runs in this thread (inside ``use``: that plan)."""
+    return current_plan(get_state(model))
+
+
+@contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model behaves as its base (merged adapters are taken out)."""
+    """Within the block the model behaves as its base (in this thread).
+
+    Adapters merged into the weights are taken out for the block, which
+    changes the model for every thread: unmerge first when serving.
+    """
     state = get_state(model)
     merged = [(layer, n) for _, layer in adapter_layers(model) for n in list(layer.merged_adapters)]
-    for layer, n in merged:
+    for layer, n in reversed(merged):
         layer.unmerge(n)
-    state.disabled = True
     try:
-        yield model
+        with override(state, Sum()):
+            yield model
     finally:
-        state.disabled = False
         for layer, n in merged:
             layer.merge(n)
 
 
 @contextmanager
-def route(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Within the block, example ``i`` of every batch uses adapter ``adapter_names[i]``.
+def route(model: nn.Module, plans: Sequence[PlanLike]) -> Iterator[nn.Module]:
+    """Within the block, example ``i`` of every batch runs ``plans[i]`` (a name, a plan or None).
 
     ``None`` routes an example to the base model. Works for any forward or
-    ``generate`` call whose batch dimension matches ``adapter_names``.
+    ``generate`` call whose batch dimension matches ``plans``; like ``use``,
+    it holds for this thread / asyncio task only.
     """
-    state = get_state(model)
-    _check_names(state, [n for n in adapter_names if n is not None])
-    if any(layer.merged_adapters for _, layer in adapter_layers(model)):
-        raise MergeError("route() needs unmerged adapters; call unmerge(model) first")
-    previous = state.routing
-    state.routing = list(adapter_names)
-    try:
+    with use(model, Route(plans)):
         yield model
-    finally:
-        state.routing = previous
+
+
+def _checked(model: nn.Module, state: AdapterState, plan: Any) -> "Plan | str":
+    resolved = resolve_plan(state, plan)
+    if isinstance(resolved, Route) and any(layer.merged_adapters for _, layer in adapter_layers(model)):
+        raise MergeError("route() needs unmerged adapters; call unmerge(model) first")
+    return resolved
 
 
 def merge(model: nn.Module, name: str | None = None) -> None:
@@ -153,8 +179,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name`` and its weights from the model."""
     state = get_state(model)
     _check_names(state, [name])
+    users = [f for f, members in state.fusions.items() if name in members]
+    if users:
+        raise UsageError(f"fusion adapter(s) {users} attend over {name!r}; delete them first")
+    was_used = name in trainable_names(state.default) or (
+        not isinstance(state.default, str) and name in state.default.names())
     _remove(model, name, state)
-    state.active = [n for n in state.active if n != name]
+    if was_used:
+        state.default = _without(state.default, name)
     refresh_trainable(model)
 
 
@@ -196,8 +228,8 @@ def get_adapter_config(model: nn.Module, name: str) -> AdapterConfig:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Names of the adapters the next forward uses."""
-    return list(get_state(model).active) if has_state(model) else []
+    """Names of the adapters whose weights the current plan trains (a fusion: itself, not its members)."""
+    return trainable_names(current_plan(get_state(model))) if has_state(model) else []
 
 
 def adapter_parameters(model: nn.Module, name: str, include_head: bool = True) -> dict[str, nn.Parameter]:
@@ -224,7 +256,7 @@ def refresh_trainable(model: nn.Module) -> None:
     state = get_state(model)
     for param in model.parameters():
         param.requires_grad_(False)
-    for name in state.active:
+    for name in trainable_names(state.default):
         for param in adapter_parameters(model, name).values():
             param.requires_grad_(True)
 
@@ -248,6 +280,22 @@ def _remove(model: nn.Module, name: str, state: AdapterState) -> None:
     state.configs.pop(name, None)
     state.heads.pop(name, None)
     state.extras.pop(name, None)
+    state.fusions.pop(name, None)
+    state.changed()
+
+
+def _without(plan: "Plan | str", name: str) -> "Plan | str":
+    """``plan`` with adapter ``name`` left out (used when it is deleted)."""
+    if isinstance(plan, str):
+        return Sum() if plan == name else plan
+    if isinstance(plan, Route):
+        return Route([None if e is None or e == name else _without(e, name) for e in plan.entries])
+    if isinstance(plan, Sum | Stack):
+        return type(plan)(*(_without(p, name) for p in plan.items if p != name))
+    if isinstance(plan, Average):
+        kept = [(_without(p, name), w) for p, w in zip(plan.items, plan.raw_weights) if p != name]
+        return Average(kept, normalize=plan.normalize) if kept else Sum()
+    return plan
 
 
 def _output_embedding_paths(model: nn.Module) -> list[str]:
@@ -257,7 +305,7 @@ def _output_embedding_paths(model: nn.Module) -> list[str]:
 
 
 def _names_or_active(state: AdapterState, name: str | None) -> list[str]:
-    names = list(state.active) if name is None else [name]
+    names = trainable_names(state.default) if name is None else [name]
     _check_names(state, names)
     return names
 
@@ -269,7 +317,7 @@ def _check_names(state: AdapterState, names: Sequence[str]) -> None:
 
 
 __all__ = [
-    "add_adapter", "set_active", "adapters_disabled", "route", "merge", "unmerge",
+    "add_adapter", "set_active", "use", "active_plan", "adapters_disabled", "route", "merge", "unmerge",
     "delete_adapter", "unload", "list_adapters", "active_adapters", "adapter_parameters",
     "head_parameters", "trainable_summary", "get_adapter_config", "refresh_trainable",
     "STATE_ATTR", "AdapterLayer",

@@ -43,11 +43,25 @@ class Method:
     layer_class: ClassVar[type[AdapterLayer] | None] = None
     peft_type: ClassVar[str | None] = None
     mergeable: ClassVar[bool] = False
+    # Composition (see core/compose.py): whether a Fuse block may attend over this
+    # method's adapters; whether it adds virtual tokens to the input (at most one
+    # such adapter per plan); block kind -> why this method cannot take part in it.
+    fusable: ClassVar[bool] = False
+    input_side: ClassVar[bool] = False
+    refuses: ClassVar[dict[str, str]] = {}
+    # The ``AdapterLayer.method`` whose layers hold this method's weights (default: ``name``);
+    # a fusion keeps its weights in bottleneck layers.
+    layer_method: ClassVar[str | None] = None
     # Why ``merge`` refuses this method (shown to the user); methods may say it better.
     not_mergeable_because: ClassVar[str] = (
         "its update is not a change of existing weights (it adds a non-linear computation "
         "or changes the sequence), so no weight matrix of the base model can absorb it"
     )
+
+    @property
+    def held_by(self) -> str:
+        """The layer method name under which this method's weights live."""
+        return self.layer_method or self.name
 
     # --- attaching ------------------------------------------------------
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
@@ -64,7 +78,7 @@ class Method:
     def detach(self, model: nn.Module, name: str, state: AdapterState) -> None:
         """Remove every trace of adapter ``name``; unwrap layers left empty."""
         for _, layer in list(adapter_layers(model)):
-            if layer.method == self.name and layer.has_adapter(name):
+            if layer.method == self.held_by and layer.has_adapter(name):
                 layer.remove_adapter(name)
         store = get_store(model)
         if store is not None and name in store.adapters and self.layer_class is None:
@@ -77,7 +91,7 @@ class Method:
     def parameters_of(self, model: nn.Module, name: str) -> Iterator[tuple[str, nn.Parameter]]:
         """Full-path (name, parameter) pairs of adapter ``name``."""
         for path, layer in adapter_layers(model):
-            if layer.method == self.name:
+            if layer.method == self.held_by:
                 for local, param in layer.adapter_parameters(name):
                     yield f"{path}.{local}", param
         store = get_store(model)

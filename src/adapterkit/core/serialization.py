@@ -34,9 +34,9 @@ from adapterkit.core.fingerprint import (
     fingerprint_problem,
 )
 from adapterkit.core.heads import HeadLayer
+from adapterkit.core.state import get_state
 from adapterkit.core.layers import adapter_layers
 from adapterkit.core.lifecycle import (
-    active_adapters,
     add_adapter,
     delete_adapter,
     get_adapter_config,
@@ -207,7 +207,8 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
     name = name or (kit or {}).get("name") or "default"
     if name in list_adapters(model):
         raise ValueError(f"model already has an adapter called {name!r}; pass load_adapter(..., name=...)")
-    had_adapters, previous = bool(list_adapters(model)), active_adapters(model)
+    had_adapters = bool(list_adapters(model))
+    previous = get_state(model).default if had_adapters else None
     try:
         add_adapter(model, name, config)
     except BaseException as err:  # leave the model as it was, whatever went wrong
@@ -262,14 +263,14 @@ def _load_heads(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     return rest
 
 
-def _undo_load(model: nn.Module, name: str, had_adapters: bool, previous: list[str]) -> None:
+def _undo_load(model: nn.Module, name: str, had_adapters: bool, previous: Any) -> None:
     """Leave ``model`` as it was before a failed load."""
     if not had_adapters:
         unload(model)
         return
     if name in list_adapters(model):
         delete_adapter(model, name)
-    set_active(model, previous or None)
+    set_active(model, previous)
 
 
 # --- reading files -----------------------------------------------------------------------

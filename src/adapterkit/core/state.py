@@ -2,8 +2,9 @@
 
 One :class:`AdapterState` hangs off the root module as ``model.adapterkit``
 (a plain attribute, not a submodule). Every adapter layer holds a reference to
-the same object, so switching the active adapter is one assignment that all
-layers see at their next forward.
+the same object. It records which adapters exist and the model's *default*
+plan; what a given forward runs is that default unless the calling thread or
+task overrides it (``core/context.py``), so nothing here changes per request.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Callable
 import torch.nn as nn
 
 from adapterkit.core.config import AdapterConfig
+from adapterkit.core.plan import Plan, Sum
 from adapterkit.errors import UsageError
 
 STATE_ATTR = "adapterkit"
@@ -21,13 +23,16 @@ STATE_ATTR = "adapterkit"
 
 @dataclass(eq=False)
 class AdapterState:
-    """Which adapters a model carries and how the next forward should use them."""
+    """Which adapters a model carries and which plan its forwards run by default."""
 
     configs: dict[str, AdapterConfig] = field(default_factory=dict)
-    active: list[str] = field(default_factory=list)
-    disabled: bool = False
-    # One adapter name (or None for the base model) per example of the batch.
-    routing: list[str | None] | None = None
+    # The plan forwards run unless a ``use(model, plan)`` block says otherwise.
+    default: "Plan | str" = field(default_factory=Sum)
+    # Bumped whenever adapters are added, removed, merged or unmerged: layers
+    # cache what a plan means for them and drop the cache when it changes.
+    version: int = 0
+    # fusion adapter name -> the bottleneck adapters it attends over, in order
+    fusions: dict[str, tuple[str, ...]] = field(default_factory=dict)
     # adapter name -> names of the head modules saved with it
     heads: dict[str, list[str]] = field(default_factory=dict)
     # adapter name -> callables that undo non-module changes (hooks, patched forwards)
@@ -35,9 +40,9 @@ class AdapterState:
     # adapter name -> free-form per-method data (e.g. the prompt module's key)
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def is_on(self, name: str) -> bool:
-        """True when ``name`` takes part in the next (unrouted) forward."""
-        return not self.disabled and name in self.active
+    def changed(self) -> None:
+        """Record a change of the adapters that layers' cached plans depend on."""
+        self.version += 1
 
 
 def get_state(model: nn.Module, create: bool = False) -> AdapterState:

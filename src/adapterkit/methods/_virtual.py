@@ -16,14 +16,20 @@ import torch
 import torch.nn as nn
 
 from adapterkit.core.config import ConfigError
+from adapterkit.core.context import PerThread, current_plan
 from adapterkit.core.layers import get_store
+from adapterkit.core.plan import Route
 from adapterkit.core.state import AdapterState
 from adapterkit.errors import UnknownNameError, UsageError, WrongTypeError
 
-# Marks an adapter as "works on the model's inputs" in ``state.extras``; at most
-# one such adapter may be active at a time, since their virtual tokens would
-# have to agree on where they sit.
+# Marks an adapter as "works on the model's inputs" in ``state.extras``.
 INPUT_ADAPTER = "input_adapter"
+
+# Why a plan may not weight or fuse prefix/prompt adapters (shown by resolve_plan).
+INPUT_SIDE_REFUSALS = {
+    "average": "adds virtual tokens to the input; attention over them is not linear in them, so there is "
+               "no output to weight. Average adapters that change weights or outputs (lora, ia3, bottleneck)",
+}
 
 
 def forward_parameters(model: nn.Module) -> list[str]:
@@ -47,30 +53,23 @@ def bind_arguments(names: list[str], args: tuple[Any, ...], kwargs: dict[str, An
 def hook_applies(state: AdapterState, name: str) -> bool:
     """Whether adapter ``name``'s input hook changes this forward call.
 
-    It does when the adapter is active (or every example is routed to it) and
-    adapters are not disabled. Two active input adapters, or a routed batch that
-    mixes this adapter with others, raise: their virtual tokens cannot share one
-    sequence.
+    It does when the current plan names the adapter (for a Route: the plan of
+    the batch's rows, which ``resolve_plan`` made sure is one plan whenever a
+    prefix or prompt adapter takes part).
     """
-    if state.disabled:
-        return False
-    if state.routing is not None:
-        routed = [r == name for r in state.routing]
-        if any(routed) and not all(routed):
-            raise UsageError(
-                f"route() sends some examples to {name!r}, a prefix/prompt adapter, and others elsewhere; "
-                "virtual tokens need the whole batch on one adapter. Route prefix/prompt adapters per batch."
-            )
-        return all(routed)
-    if name not in state.active:
-        return False
-    others = [n for n in state.active if n != name and state.extras.get(n, {}).get(INPUT_ADAPTER)]
-    if others:
-        raise UsageError(
-            f"adapters {[name] + others} are active together, but only one prefix- or prompt-tuning adapter "
-            "can be active at a time; call set_active(model, ...) with at most one of them"
-        )
-    return True
+    plan = current_plan(state)
+    if isinstance(plan, Route):
+        plan = plan.entries[0]
+        if plan is None:
+            return False
+    return name == plan if isinstance(plan, str) else name in plan.names()
+
+
+class PerThreadStack(PerThread):
+    """A stack of per-call values kept by a pre-hook for its post-hook, one per thread."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
 
 
 def install_hooks(

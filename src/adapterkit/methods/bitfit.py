@@ -23,13 +23,17 @@ import torch.nn as nn
 
 from adapterkit.core.architectures import model_type
 from adapterkit.core.config import AdapterConfig
+from adapterkit.core.compose import cached_fold
 from adapterkit.core.layers import (
     AdapterLayer,
     MergeError,
+    WeightedTerms,
+    apply_terms,
     candidate_modules,
     innermost,
     routed_sum,
 )
+from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import LINEAR_TYPES, TargetError, head_paths
@@ -60,23 +64,27 @@ class BitFitLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__(base_layer, state)
         self.bitfit = nn.ModuleDict()
+        self.terms = WeightedTerms(self)
 
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
         """Create adapter ``name``'s zero offset, shaped like the wrapped bias."""
         device, dtype = self.adapter_device_dtype()
         self.bitfit[name] = BiasOffset(innermost(self.base_layer).bias.shape, device, dtype)
 
-    def _delta(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return self.bitfit[name].bias.to(out.dtype).expand_as(out)
+    def _offset(self, name: str) -> torch.Tensor:
+        return self.bitfit[name].bias  # (out,), broadcast over the leading dims
+
+    def _plan_delta(self, entry: "Plan | str", x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        terms = cached_fold(self, entry, self.terms)
+        return None if not terms else apply_terms(terms, self._offset, torch.zeros_like(out))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        routes = self.routing(x.shape[0])
-        if routes is not None:
-            return routed_sum(x, routes, self.adapter_names(), self._delta, result)
-        for name in self.active_adapters():
-            result = result + self.bitfit[name].bias.to(result.dtype)  # (out,) broadcast
-        return result
+        plan = self.plan()
+        if isinstance(plan, Route):
+            return routed_sum(x, plan, self._plan_delta, result)
+        terms = cached_fold(self, plan, self.terms)
+        return apply_terms(terms, self._offset, result) if terms else result
 
     def merge(self, name: str) -> None:
         raise MergeError(

@@ -14,10 +14,17 @@ Placements (modules found through the architecture table's roles):
 
 Bottleneck adapters are not mergeable: the non-linearity between ``down`` and
 ``up`` has no equivalent weight matrix.
+
+Composition: each adapter's effect is a function of the layer output ``h``.
+``Stack`` applies them in order (the next adapter sees ``h + f_a(h)``),
+``Sum`` adds every ``f_i(h)`` computed from the same ``h``, ``Average`` weights
+them, and ``Fuse`` lets a trained fusion (:mod:`adapterkit.methods.fusion`)
+attend over the ``f_i(h)`` at every layer.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, get_args
 
@@ -27,12 +34,15 @@ import torch.nn.functional as F
 
 from adapterkit.core.architectures import arch_spec, model_type, modules_in_role
 from adapterkit.core.config import AdapterConfig, check_choice, check_positive
+from adapterkit.core.compose import Algebra, CompositionError, cached_fold
+from adapterkit.core.context import PerThread
 from adapterkit.core.layers import (
     AdapterLayer,
     candidate_modules,
     innermost,
     routed_sum,
 )
+from adapterkit.core.plan import Fuse, Plan, Route
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import TargetError
@@ -75,20 +85,56 @@ def linear_features(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), int(weight.shape[1])  # Conv1D: (in, out)
 
 
+# What a plan means at one bottleneck layer, as a small tree of tuples (cacheable,
+# no tensors): ("leaf", name), ("stack", parts), ("sum", parts),
+# ("average", ((part or None, weight), ...)), ("fuse", fusion, members).
+Effect = tuple
+
+
+class BottleneckEffects(Algebra[Effect]):
+    """The algebra of bottleneck adapters: functions of the layer output that compose."""
+
+    def __init__(self, layer: "BottleneckLayer") -> None:
+        self.layer = layer
+
+    def leaf(self, name: str) -> Effect | None:
+        return ("leaf", name) if name in self.layer.adapter_up else None
+
+    def stack(self, parts: list[Effect]) -> Effect:
+        return ("stack", tuple(parts))
+
+    def sum(self, parts: list[Effect]) -> Effect:
+        return ("sum", tuple(parts))
+
+    def average(self, parts: list[tuple[Effect | None, float]]) -> Effect:
+        return ("average", tuple(parts))
+
+    def fuse(self, node: Fuse, parts: list[Effect | None]) -> Effect | None:
+        held = tuple(n for n, p in zip(node.items, parts) if p is not None)
+        if not held:
+            return None
+        if node.fusion not in self.layer.adapter_fusion:
+            raise CompositionError(f"{node!r}: this layer holds no fusion {node.fusion!r}")
+        return ("fuse", node.fusion, held)
+
+
 class BottleneckLayer(AdapterLayer):
-    """A projection with bottleneck adapters added to its output."""
+    """A projection with bottleneck adapters (and fusions over them) added to its output."""
 
     method = "bottleneck"
-    containers = ("adapter_down", "adapter_up")
+    containers = ("adapter_down", "adapter_up", "adapter_fusion")
 
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__(base_layer, state)
         self.adapter_down = nn.ModuleDict()
         self.adapter_up = nn.ModuleDict()
+        self.adapter_fusion = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
         self.parallel: dict[str, bool] = {}
-        # The FFN block input seen by the pre-hook, consumed by the next forward.
-        self.block_input: torch.Tensor | None = None
+        self.effects = BottleneckEffects(self)
+        # The FFN block input seen by the pre-hook, consumed by the next forward;
+        # per thread, since two threads may run the model at once.
+        self._seen = PerThread()
 
     def add_adapter(self, name: str, config: AdapterConfig, in_features: int | None = None) -> None:
         """Create adapter ``name``; ``in_features`` is the FFN block width for ``parallel``."""
@@ -107,6 +153,11 @@ class BottleneckLayer(AdapterLayer):
         self.non_linearity[name] = config.non_linearity
         self.parallel[name] = config.placement == "parallel"
 
+    def add_fusion(self, name: str) -> None:
+        """Create fusion ``name`` (an attention over this layer's adapter outputs)."""
+        device, dtype = self.adapter_device_dtype()
+        self.adapter_fusion[name] = FusionAttention(linear_features(self.base_layer)[1], device, dtype)
+
     def remove_adapter(self, name: str) -> None:
         super().remove_adapter(name)
         self.non_linearity.pop(name, None)
@@ -115,33 +166,107 @@ class BottleneckLayer(AdapterLayer):
     def capture(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         """Forward pre-hook on the layer's ``ffn_in``: remember the FFN block input."""
         if args:
-            self.block_input = args[0]
+            self._seen.block_input = args[0]
 
-    def _delta(self, name: str, block_input: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _delta(self, name: str, block_input: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """``up(act(down(source)))``; source is the block input (parallel) or ``out``."""
         down, up = self.adapter_down[name], self.adapter_up[name]
-        source = block_input if self.parallel[name] else out  # (..., in_features)
+        if self.parallel[name]:
+            if block_input is None:
+                raise RuntimeError(
+                    "a parallel bottleneck adapter did not see its FFN block input: the pre-hook on the "
+                    "layer's ffn_in module must run before this ffn_out module in the same forward"
+                )
+            source = block_input
+        else:
+            source = out  # (..., in_features)
         hidden = ACTIVATIONS[self.non_linearity[name]](down(source.to(down.weight.dtype)))  # (..., width)
         delta = up(hidden)  # (..., out_features)
         return delta * PARALLEL_SCALING if self.parallel[name] else delta
 
+    # --- evaluating an effect ---------------------------------------------------
+    def _apply(self, effect: Effect, h: torch.Tensor, block_input: torch.Tensor | None) -> torch.Tensor:
+        """The layer output after ``effect``, for base output ``h``."""
+        kind = effect[0]
+        if kind == "leaf":
+            return h + self._delta(effect[1], block_input, h).to(h.dtype)
+        if kind == "stack":
+            for part in effect[1]:
+                h = self._apply(part, h, block_input)
+            return h
+        if kind in ("sum", "average"):  # every part sees the same h; their changes accumulate onto it
+            out = h
+            for part, weight in effect[1] if kind == "average" else ((p, 1.0) for p in effect[1]):
+                if part is not None:
+                    change = self._change(part, h, block_input).to(h.dtype)
+                    out = out + (change if weight == 1.0 else change * weight)
+            return out
+        return h + self._change(effect, h, block_input).to(h.dtype)
+
+    def _change(self, effect: Effect, h: torch.Tensor, block_input: torch.Tensor | None) -> torch.Tensor:
+        """What ``effect`` adds to ``h``."""
+        kind = effect[0]
+        if kind == "leaf":
+            return self._delta(effect[1], block_input, h)
+        if kind == "sum":
+            changes = [self._change(p, h, block_input) for p in effect[1]]
+            return sum(changes[1:], changes[0])
+        if kind == "average":
+            changes = [self._change(p, h, block_input) * w for p, w in effect[1] if p is not None]
+            return sum(changes[1:], changes[0])
+        if kind == "fuse":
+            outputs = [self._delta(n, block_input, h) for n in effect[2]]  # each (..., out)
+            fusion = self.adapter_fusion[effect[1]]
+            return fusion(h.to(outputs[0].dtype), outputs)
+        return self._apply(effect, h, block_input) - h  # a stack inside a sum or average
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        block_input, self.block_input = self.block_input, None  # never keep it past this call
-        routes = self.routing(x.shape[0])
-        used = set(routes or []) if routes is not None else set(self.active_adapters())
-        if block_input is None and any(self.parallel.get(n, False) for n in used):
-            raise RuntimeError(
-                "a parallel bottleneck adapter did not see its FFN block input: the pre-hook on the "
-                "layer's ffn_in module must run before this ffn_out module in the same forward"
-            )
-        source = block_input if block_input is not None else x
-        if routes is not None:
-            return routed_sum(source, routes, self.adapter_names(), self._delta, result)
-        # Several active adapters each add their output computed from the base output.
-        for name in self.active_adapters():
-            result = result + self._delta(name, source, result).to(result.dtype)
-        return result
+        block_input = getattr(self._seen, "block_input", None)
+        self._seen.block_input = None  # never keep it past this call
+        plan = self.plan()
+        if isinstance(plan, Route):
+            if block_input is None:
+                return routed_sum(x, plan, lambda e, _, out: self._plan_change(e, None, out), result)
+            return routed_sum(block_input, plan, self._plan_change, result)
+        effect = cached_fold(self, plan, self.effects)
+        return result if effect is None else self._apply(effect, result, block_input)
+
+    def _plan_change(self, entry: "Plan | str", block_input: torch.Tensor | None,
+                     out: torch.Tensor) -> torch.Tensor | None:
+        effect = cached_fold(self, entry, self.effects)
+        return None if effect is None else self._change(effect, out, block_input)
+
+
+class FusionAttention(nn.Module):
+    """AdapterFusion at one layer: attention from the layer output over its adapters' outputs.
+
+    ``q = Wq h``, ``k_i = Wk o_i``; ``alpha = softmax_i(q . k_i / sqrt(d))`` and
+    the layer adds ``Wv sum_i alpha_i o_i``. ``Wv`` starts as the identity and
+    ``Wq``, ``Wk`` near zero, so an untrained fusion is close to the average of
+    its adapters.
+    """
+
+    def __init__(self, features: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.query = nn.Linear(features, features, device=device, dtype=dtype)
+        self.key = nn.Linear(features, features, device=device, dtype=dtype)
+        self.value = nn.Linear(features, features, device=device, dtype=dtype)
+        for proj in (self.query, self.key):
+            nn.init.normal_(proj.weight, std=0.02)
+            nn.init.zeros_(proj.bias)
+        with torch.no_grad():
+            self.value.weight.copy_(torch.eye(features, device=device, dtype=dtype))
+            self.value.bias.zero_()
+
+    def forward(self, h: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The fused change for base output ``h`` (..., d) and adapter outputs [(..., d)]."""
+        stacked = torch.stack(outputs, dim=-2)  # (..., n, d)
+        query = self.query(h).unsqueeze(-2)  # (..., 1, d)
+        keys = self.key(stacked)  # (..., n, d)
+        scores = (query * keys).sum(-1) / math.sqrt(h.shape[-1])  # (..., n)
+        weights = torch.softmax(scores, dim=-1).unsqueeze(-1)  # (..., n, 1)
+        return self.value((weights * stacked).sum(-2))  # (..., d)
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -166,6 +291,7 @@ class BottleneckMethod(Method):
     name = "bottleneck"
     config_class = BottleneckConfig
     layer_class = BottleneckLayer
+    fusable = True
 
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         assert isinstance(config, BottleneckConfig)
@@ -198,4 +324,4 @@ class BottleneckMethod(Method):
             state.cleanups.setdefault(name, []).append(handle.remove)
 
 
-__all__ = ["BottleneckConfig", "BottleneckLayer", "BottleneckMethod", "PARALLEL_SCALING"]
+__all__ = ["BottleneckConfig", "BottleneckLayer", "BottleneckMethod", "FusionAttention", "PARALLEL_SCALING"]

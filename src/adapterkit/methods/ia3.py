@@ -22,7 +22,10 @@ import torch.nn as nn
 
 from adapterkit.core.architectures import arch_spec, modules_in_role, roles_regex
 from adapterkit.core.config import AdapterConfig, ConfigError, check_targets
-from adapterkit.core.layers import AdapterLayer, MergeError, innermost
+from adapterkit.core.base_weight import update_base_tensor
+from adapterkit.core.compose import Algebra, cached_fold, route_groups
+from adapterkit.core.layers import AdapterLayer, MergeError, call_rows, innermost
+from adapterkit.core.plan import Route
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
@@ -66,6 +69,34 @@ def is_feedforward_name(path: str, feedforward: list[str] | str) -> bool:
     return any(path.endswith(name) for name in feedforward)
 
 
+# What a plan means at one IA3 layer (tuples, cacheable): ("scale", input names,
+# output names) multiplies by those vectors; ("chain", parts) applies parts one
+# inside the other; ("average", ((part or None, weight), ...)) weights whole outputs.
+Effect = tuple
+
+
+class IA3Effects(Algebra[Effect]):
+    """The algebra of (IA)^3: scalings multiply (Stack and Sum), Average weights the scaled outputs."""
+
+    def __init__(self, layer: "IA3Layer") -> None:
+        self.layer = layer
+
+    def leaf(self, name: str) -> Effect | None:
+        if not self.layer.applies(name):
+            return None
+        return ("scale", (name,), ()) if self.layer.is_feedforward[name] else ("scale", (), (name,))
+
+    def sum(self, parts: list[Effect]) -> Effect:
+        if all(p[0] == "scale" for p in parts):
+            return ("scale", tuple(n for p in parts for n in p[1]), tuple(n for p in parts for n in p[2]))
+        return ("chain", tuple(parts))
+
+    stack = sum  # scalings commute: applying them in order is multiplying them
+
+    def average(self, parts: list[tuple[Effect | None, float]]) -> Effect:
+        return ("average", tuple(parts))
+
+
 class IA3Layer(AdapterLayer):
     """A Linear or Conv1D layer whose output (or input) is rescaled per adapter."""
 
@@ -80,7 +111,7 @@ class IA3Layer(AdapterLayer):
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
-        self._original: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.effects = IA3Effects(self)
 
     def add_adapter(self, name: str, config: AdapterConfig, feedforward: bool = False) -> None:
         """Create adapter ``name``: ones of shape (1, in) if ``feedforward`` else (out, 1)."""
@@ -103,19 +134,53 @@ class IA3Layer(AdapterLayer):
         return scale
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        routes = self.routing(x.shape[0])
-        if routes is not None:
-            return self._routed(x, routes, *args, **kwargs)
-        active = self.active_adapters()
-        scale_in = self._product([n for n in active if self.is_feedforward[n]])  # (in,)
-        scale_out = self._product([n for n in active if not self.is_feedforward[n]])  # (out,)
-        if scale_in is not None:
-            x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
-        result = self.base_layer(x, *args, **kwargs)
-        if scale_out is not None:
-            # a plain layer's fresh output is held by nobody else: scale it in place
-            result = scale_output(result, scale_out, self.base_layer.__class__ in LINEAR_TYPES)
-        return result
+        plan = self.plan()
+
+        def call(inputs: torch.Tensor) -> torch.Tensor:
+            return self.base_layer(inputs, *args, **kwargs)
+
+        if isinstance(plan, Route):
+            if all(e is None or isinstance(e, str) for e in plan.entries):
+                return self._routed(x, [e for e in plan.entries], *args, **kwargs)
+            return self._routed_plans(x, plan, call)
+        effect = cached_fold(self, plan, self.effects)
+        return call(x) if effect is None else self._apply(effect, x, call)
+
+    def _apply(self, effect: Effect, x: torch.Tensor, call: Any) -> torch.Tensor:
+        """The layer output under ``effect``; ``call`` runs the wrapped layer."""
+        kind = effect[0]
+        if kind == "scale":
+            scale_in, scale_out = self._product(list(effect[1])), self._product(list(effect[2]))  # (in,), (out,)
+            if scale_in is not None:
+                x = (x.to(scale_in.dtype) * scale_in).to(x.dtype)
+            result = call(x)
+            if scale_out is not None:
+                # a plain layer's fresh output is held by nobody else: scale it in place
+                result = scale_output(result, scale_out, self.base_layer.__class__ in LINEAR_TYPES)
+            return result
+        if kind == "chain":
+            inner = call
+            for part in effect[1]:
+                inner = (lambda p, f: (lambda z: self._apply(p, z, f)))(part, inner)
+            return inner(x)
+        outputs = [(call(x) if p is None else self._apply(p, x, call)) * w for p, w in effect[1]]
+        return sum(outputs[1:], outputs[0])
+
+    def _routed_plans(self, x: torch.Tensor, route: Route, call: Any) -> torch.Tensor:
+        """Per-example plans: each group of rows through its plan, nested layers seeing the narrowed route."""
+        out = None
+        state = self.state
+        for entry, rows in route_groups(route, x.shape[0]).items():
+            index = torch.tensor(rows, device=x.device)
+            part_x = x.index_select(0, index)
+            effect = None if entry is None else cached_fold(self, entry, self.effects)
+            run = (lambda e, z: (lambda: call(z) if e is None else self._apply(e, z, call)))(effect, part_x)
+            part = call_rows(route, rows, state, run)
+            if out is None:
+                out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
+            out.index_copy_(0, index, part)
+        assert out is not None
+        return out
 
     def _routed(self, x: torch.Tensor, routes: list[str | None], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Per-example adapters: one scale row per example, ones where no vector applies.
@@ -143,6 +208,11 @@ class IA3Layer(AdapterLayer):
         return (result.to(scale_out.dtype) * per_example(scale_out, result)).to(result.dtype)
 
     # --- merging --------------------------------------------------------------
+    def _oriented(self, name: str) -> torch.Tensor:
+        """Adapter ``name``'s vector shaped to scale the stored weight (Linear (out, in); Conv1D (in, out))."""
+        vector = self.ia3_l[name].detach()
+        return vector.T if self.fan_in_fan_out else vector
+
     @torch.no_grad()
     def merge(self, name: str) -> None:
         if name in self.merged_adapters:
@@ -152,43 +222,31 @@ class IA3Layer(AdapterLayer):
                 f"cannot merge IA3 adapter {name!r}: a {self.base_layer.method} wrapper sits inside it, "
                 "and folding the scale into the base weight would leave that adapter's output unscaled"
             )
-        if self._original is None:  # kept so that unmerge restores bit-identically
-            bias = self.base_layer.bias
-            self._original = (self.base_layer.weight.data.clone(), None if bias is None else bias.data.clone())
+        if bool((self.ia3_l[name] == 0).any()):
+            raise MergeError(
+                f"cannot merge IA3 adapter {name!r}: its scale vector has zero entries, and unmerging "
+                "divides the weight by the vector"
+            )
+        self._rescale(name, lambda t, v: t * v)
         self.merged_adapters.append(name)
-        self._fold()
+        self.state.changed()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         if name not in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is not merged")
+        self._rescale(name, lambda t, v: t / v)
         self.merged_adapters.remove(name)
-        if self.merged_adapters:
-            self._fold()
-            return
-        assert self._original is not None
-        weight, bias = self._original
-        self.base_layer.weight.data = weight
-        if bias is not None:
-            self.base_layer.bias.data = bias
-        self._original = None
+        self.state.changed()
 
-    def _fold(self) -> None:
-        """Base weight and bias = original ones scaled by every merged adapter."""
-        assert self._original is not None
-        weight, bias = self._original
-        merged_w = weight.to(torch.float32) if weight.dtype != torch.float64 else weight
-        merged_b = None if bias is None else bias.to(merged_w.dtype)
-        for name in self.merged_adapters:
-            vector = self.ia3_l[name].detach().to(merged_w.dtype)
-            # Linear weight (out, in): output scale (out, 1) scales rows, input scale (1, in)
-            # columns. Conv1D weight (in, out): the transposed vector does the same.
-            merged_w = merged_w * (vector.T if self.fan_in_fan_out else vector)
-            if merged_b is not None and not self.is_feedforward[name]:
-                merged_b = merged_b * vector.flatten()  # input scaling leaves the bias alone
-        self.base_layer.weight.data = merged_w.to(weight.dtype)
-        if bias is not None and merged_b is not None:
-            self.base_layer.bias.data = merged_b.to(bias.dtype)
+    def _rescale(self, name: str, op: Any) -> None:
+        """Apply ``op(tensor, vector)`` to the base weight (and, for output scaling, the bias)."""
+        # Linear weight (out, in): output scale (out, 1) scales rows, input scale (1, in)
+        # columns. Conv1D weight (in, out): the transposed vector does the same.
+        update_base_tensor(self.base_layer, "weight", lambda w: op(w, self._oriented(name).to(w.dtype)))
+        if self.base_layer.bias is not None and not self.is_feedforward[name]:
+            vector = self.ia3_l[name].detach().flatten()
+            update_base_tensor(self.base_layer, "bias", lambda b: op(b, vector.to(b.dtype)))
 
 
 @register

@@ -23,7 +23,10 @@ from adapterkit.core.config import (
     check_positive,
     check_targets,
 )
-from adapterkit.core.layers import AdapterLayer, MergeError, routed_sum
+from adapterkit.core.base_weight import read_base_tensor, update_base_tensor
+from adapterkit.core.compose import cached_fold
+from adapterkit.core.layers import AdapterLayer, MergeError, Terms, WeightedTerms, routed_sum
+from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
 
@@ -80,7 +83,9 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
-        self._original_weight: torch.Tensor | None = None
+        # DoRA merged: the per-row norms of W + s BA, the one thing unmerge cannot recompute.
+        self._dora_norms: dict[str, torch.Tensor] = {}
+        self.terms = WeightedTerms(self)
 
     # --- shapes -------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
@@ -160,28 +165,49 @@ class LoraLayer(AdapterLayer):
         modules = self._modules
         base = modules["base_layer"]
         result = base(x, *args, **kwargs)
-        routes = self.routing(x.shape[0])
-        if routes is not None:
-            if self.is_embedding or len(modules["lora_magnitude_vector"]):
-                return routed_sum(x, routes, self.adapter_names(), self._delta, result)
-            return self._add_routed(x, routes, result)
-        active = self.active_adapters()
-        if not active:
+        # Under torch.compile the plan is read outside the graph, so that a new
+        # routing list reaches the graph as tensors, not as constants to guard on.
+        step = _plan_step_opaque if torch.compiler.is_compiling() else _plan_step
+        kind, payload = step(self, x.shape[0], x.device)
+        if kind == "none":
             return result
+        if kind == "rows":
+            return self._add_rows(x, payload[0], payload[1], result)
+        if kind == "routed":
+            return routed_sum(x, payload, self._plan_delta, result)
+        return self._add_terms(x, payload, result)
+
+    def _add_terms(self, x: torch.Tensor, terms: Terms, result: torch.Tensor) -> torch.Tensor:
+        """``result + sum(w * delta)`` for the plan's (adapter, weight) terms."""
+        modules = self._modules
         # The plain linear layers do not keep their output for backward, so the
         # deltas can be added in place (one (..., out) allocation fewer per adapter).
         dora = modules["lora_magnitude_vector"]
-        in_place = base.__class__ in _INPLACE_SAFE and not any(n in dora for n in active)
+        in_place = modules["base_layer"].__class__ in _INPLACE_SAFE and not any(n in dora for n, _ in terms)
         fused = in_place and not torch.is_grad_enabled() and not self.is_embedding and result.is_contiguous()
-        for name in active:
+        for name, weight in terms:
             if fused and modules["lora_B"][name].weight.dtype == result.dtype:
-                self._accumulate(name, x, result)
+                self._accumulate(name, x, result, weight)
                 continue
             delta = self._delta(name, x, result).to(result.dtype)
+            if weight != 1.0:
+                delta = delta * weight
             result = result.add_(delta) if in_place else result + delta
         return result
 
-    def _accumulate(self, name: str, x: torch.Tensor, result: torch.Tensor) -> None:
+    def _plan_delta(self, entry: "Plan | str", x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """What the plan ``entry`` adds to ``out`` (rows of a routed batch)."""
+        terms = cached_fold(self, entry, self.terms)
+        if not terms:
+            return None
+        total = None
+        for name, weight in terms:
+            delta = self._delta(name, x, out)
+            delta = delta if weight == 1.0 else delta * weight
+            total = delta if total is None else total + delta
+        return total
+
+    def _accumulate(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float = 1.0) -> None:
         """Inference: ``result += scale * (x A^T) B^T`` as one multiply-accumulate into ``result``.
 
         ``A x^T`` is taken in the (rank, tokens) layout, which runs several times
@@ -194,18 +220,20 @@ class LoraLayer(AdapterLayer):
         rows = x.to(a.dtype) if isinstance(dropout, nn.Identity) else dropout(x.to(a.dtype))
         rows = rows.reshape(-1, a.shape[1])
         hidden = torch.mm(a, rows.t()).t().contiguous()  # (tokens, rank); contiguous is faster below
-        result.view(-1, b.shape[0]).addmm_(hidden, b.t(), alpha=self.scaling[name])
+        scale = self.scaling[name] if weight == 1.0 else self.scaling[name] * weight
+        result.view(-1, b.shape[0]).addmm_(hidden, b.t(), alpha=scale)
 
-    def _add_routed(self, x: torch.Tensor, routes: list[str | None], result: torch.Tensor) -> torch.Tensor:
-        """Add per-example LoRA deltas of a mixed batch to ``result`` in two batched matmuls.
+    def _add_rows(self, x: torch.Tensor, a_rows: torch.Tensor, b_rows: torch.Tensor,
+                  result: torch.Tensor) -> torch.Tensor:
+        """Add per-example LoRA deltas of a routed batch to ``result`` in two batched matmuls.
 
-        Every row gathers its own adapter's A and pre-scaled B (an all-zero pair
+        Every row has its own adapter's A and pre-scaled B (an all-zero pair
         for rows routed to the base model), so the cost does not grow with the
         number of distinct adapters in the batch. The first product is taken as
         ``A @ x^T``: with a rank of 8-64 that layout runs about 3x faster on CPU
         than ``x @ A^T``.
         """
-        a_rows, b_rows = self._stacked(tuple(routes), x.device)  # (batch, rank, in), (batch, rank, out)
+        # a_rows (batch, rank, in), b_rows (batch, rank, out)
         batch, out_features = x.shape[0], b_rows.shape[-1]
         rows = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)  # (batch, tokens, in)
         hidden = torch.bmm(a_rows, rows.transpose(1, 2)).transpose(1, 2)  # (batch, tokens, rank)
@@ -228,8 +256,9 @@ class LoraLayer(AdapterLayer):
         weights = [w for n in names for w in (self.lora_A[n].weight, self.lora_B[n].weight)]
         key = (routes, tuple((id(w), w._version) for w in weights), tuple(self.scaling[n] for n in names))
         cache = self.__dict__.setdefault("_route_cache", {})
-        if key in cache and not torch.is_grad_enabled():
-            return cache[key]
+        hit = cache.get(key) if not torch.is_grad_enabled() else None  # .get: another thread may clear it
+        if hit is not None:
+            return hit
         rank = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
         ref = next(iter(self.lora_A.values())).weight
         out_features, in_features = self.base_weight().shape
@@ -242,46 +271,97 @@ class LoraLayer(AdapterLayer):
         slots = [names.index(n) if n in names else len(names) for n in routes]
         index = torch.tensor(slots, device=device)
         gathered = (a_stack[index], b_stack[index])
-        cache.clear()
         if not torch.is_grad_enabled():
+            if len(cache) > 8:
+                cache.clear()
             cache[key] = gathered
         return gathered
 
     # --- merging --------------------------------------------------------------
-    def merged_weight(self, name: str) -> torch.Tensor:
-        """The base weight with adapter ``name`` folded in."""
-        weight = base_layer_core(self.base_layer).weight
-        merged = weight.data + self.delta_weight(name).to(weight.dtype)
+    def merged_weight(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The base weight (or ``weight``, in the base's layout) with adapter ``name`` folded in."""
+        if weight is None:
+            weight = read_base_tensor(base_layer_core(self.base_layer))
+        merged = weight + self.delta_weight(name).detach().to(weight.dtype)
         if name in self.lora_magnitude_vector:
-            oriented = merged.T if self.fan_in_fan_out else merged
-            ratio = self.lora_magnitude_vector[name] / oriented.norm(p=2, dim=1)
-            oriented = oriented * ratio.unsqueeze(1).to(oriented.dtype)
-            merged = oriented.T if self.fan_in_fan_out else oriented
+            merged, _ = self._dora_rescale(name, merged)
         return merged
+
+    def _dora_rescale(self, name: str, combined: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DoRA's merged weight ``m * (W + s BA) / ||W + s BA||`` and those row norms."""
+        oriented = combined.T if self.fan_in_fan_out else combined
+        norms = oriented.norm(p=2, dim=1)  # (out,)
+        ratio = self.lora_magnitude_vector[name].detach().to(oriented.dtype) / norms
+        oriented = oriented * ratio.unsqueeze(1)
+        return (oriented.T if self.fan_in_fan_out else oriented), norms
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
         if name in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is already merged")
-        weight = base_layer_core(self.base_layer).weight
-        if self._original_weight is None:
-            self._original_weight = weight.data.clone()
-        weight.data = self.merged_weight(name).detach()
+        if name in self.lora_magnitude_vector and self.merged_adapters:
+            raise MergeError(
+                f"DoRA adapter {name!r} rescales the whole merged weight, so it can only be merged into "
+                f"an unmerged layer; unmerge {self.merged_adapters} first"
+            )
+
+        def fold(weight: torch.Tensor) -> torch.Tensor:
+            combined = weight + self.delta_weight(name).detach().to(weight.dtype)
+            if name not in self.lora_magnitude_vector:
+                return combined
+            merged, norms = self._dora_rescale(name, combined)
+            self._dora_norms[name] = norms
+            return merged
+
+        update_base_tensor(base_layer_core(self.base_layer), "weight", fold)
         self.merged_adapters.append(name)
+        self.state.changed()
 
     @torch.no_grad()
     def unmerge(self, name: str) -> None:
         if name not in self.merged_adapters:
             raise MergeError(f"adapter {name!r} is not merged")
-        weight = base_layer_core(self.base_layer).weight
-        self.merged_adapters.remove(name)
-        if not self.merged_adapters and self._original_weight is not None:
-            weight.data = self._original_weight  # exact restore, no rounding drift
-            self._original_weight = None
-            return
-        if name in self.lora_magnitude_vector:
+        if name in self.lora_magnitude_vector and self.merged_adapters[-1] != name:
             raise MergeError("unmerge DoRA adapters in the reverse order of merging")
-        weight.data -= self.delta_weight(name).to(weight.dtype)
+
+        def unfold(weight: torch.Tensor) -> torch.Tensor:
+            if name in self.lora_magnitude_vector:
+                # merged rows are m * c / n with c = W + s BA, so c = merged * n / m
+                norms = self._dora_norms.pop(name).to(weight.dtype)
+                oriented = weight.T if self.fan_in_fan_out else weight
+                ratio = norms / self.lora_magnitude_vector[name].detach().to(weight.dtype)
+                oriented = oriented * ratio.unsqueeze(1)
+                weight = oriented.T if self.fan_in_fan_out else oriented
+            return weight - self.delta_weight(name).detach().to(weight.dtype)
+
+        update_base_tensor(base_layer_core(self.base_layer), "weight", unfold)
+        self.merged_adapters.remove(name)
+        self.state.changed()
+
+
+def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str, Any]:
+    """What ``layer`` must do for the current plan: ("none"), ("terms", terms), ("rows", (A, B)), ("routed", route).
+
+    ``rows``: a Route whose entries are adapter names (or None), served by the
+    batched per-row kernel; ``routed``: any other Route (plans per example,
+    DoRA, embeddings), evaluated group by group.
+    """
+    plan = layer.plan()
+    if isinstance(plan, Route):
+        if layer.is_embedding or len(layer._modules["lora_magnitude_vector"]) \
+                or not all(e is None or isinstance(e, str) for e in plan.entries):
+            return "routed", plan
+        if len(plan.entries) != batch:
+            from adapterkit.core.compose import route_groups
+
+            route_groups(plan, batch)  # raises the batch-size error
+        return "rows", layer._stacked(plan.entries, device)
+    terms = cached_fold(layer, plan, layer.terms)
+    return ("terms", terms) if terms else ("none", None)
+
+
+# The same function, opaque to torch.compile (see LoraLayer.forward).
+_plan_step_opaque = torch.compiler.disable(_plan_step)
 
 
 _INPLACE_SAFE: tuple[type, ...] = (nn.Linear,) + tuple(t for t in LINEAR_TYPES if t is not nn.Linear)

@@ -199,10 +199,10 @@ def _make_hooks(model: nn.Module, name: str, state: AdapterState, layout: KVLayo
     prefix = "decoder_" if layout.encoder_decoder else ""
     # One entry per call in flight: the cache we created for a call made without
     # use_cache, which must not leak into the output (generate would feed it back).
-    unrequested: list[Cache | None] = []
+    unrequested = vt.PerThreadStack()
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        unrequested.append(None)
+        unrequested.items.append(None)
         if not vt.hook_applies(state, name):
             return None
         if module.training and vt.checkpointing(module):
@@ -218,7 +218,7 @@ def _make_hooks(model: nn.Module, name: str, state: AdapterState, layout: KVLayo
         if cache is None:
             cache = _new_cache(module, layout)
             if not vt.wants_cache(module, kw):
-                unrequested[-1] = cache
+                unrequested.items[-1] = cache
         if _self_attention_cache(cache).get_seq_length() == 0:
             table = encoder().to(vt.model_dtype(module, torch.float32))
             _fill(cache, table, layout, vt.batch_size(kw))
@@ -230,7 +230,7 @@ def _make_hooks(model: nn.Module, name: str, state: AdapterState, layout: KVLayo
         return (), kw
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        cache = unrequested.pop() if unrequested else None
+        cache = unrequested.items.pop() if unrequested.items else None
         return None if cache is None else vt.without(output, cache)
 
     return pre_hook, post_hook
@@ -245,6 +245,8 @@ class PrefixTuningMethod(Method):
     default_lr = 0.01
     config_class = PrefixTuningConfig
     layer_class = None
+    input_side = True
+    refuses = vt.INPUT_SIDE_REFUSALS
     peft_type = "PREFIX_TUNING"
 
     def attach(self, model: nn.Module, name: str, config: AdapterConfig, state: AdapterState) -> None:

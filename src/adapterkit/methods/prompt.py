@@ -149,10 +149,10 @@ def _decoder_hooks(model: nn.Module, name: str, state: AdapterState) -> tuple[An
     """Hooks for decoder-only and encoder-only models: prepend, then strip the outputs."""
     names = vt.forward_parameters(model)
     cache_key = vt.cache_argument(names, vt.accepts_var_kwargs(model))
-    pending: list[tuple[int, int] | None] = []  # per call in flight: (P, padded length) to strip
+    pending = vt.PerThreadStack()  # per call in flight: (P, padded length) to strip
 
     def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        pending.append(None)
+        pending.items.append(None)
         if not vt.hook_applies(state, name):
             return None
         kw = vt.bind_arguments(names, args, kwargs)
@@ -166,11 +166,11 @@ def _decoder_hooks(model: nn.Module, name: str, state: AdapterState) -> tuple[An
             return (), kw
         length = _prepend_prompt(module, kw, prompt.embedding)
         _grow_inputs(kw, count, length)
-        pending[-1] = (count, count + length)
+        pending.items[-1] = (count, count + length)
         return (), kw
 
     def post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        entry = pending.pop() if pending else None
+        entry = pending.items.pop() if pending.items else None
         return None if entry is None else vt.strip_virtual(output, *entry)
 
     return pre_hook, post_hook
@@ -223,6 +223,8 @@ class PromptTuningMethod(Method):
     default_lr = 0.03
     config_class = PromptTuningConfig
     layer_class = None
+    input_side = True
+    refuses = vt.INPUT_SIDE_REFUSALS
     peft_type = "PROMPT_TUNING"
 
     def attach(self, model: nn.Module, name: str, config: AdapterConfig, state: AdapterState) -> None:

@@ -268,19 +268,18 @@ def can_drop_finished_rows(model: PreTrainedModel) -> bool:
 
 @contextlib.contextmanager
 def _routed_rows(model: PreTrainedModel, rows: torch.Tensor) -> Iterator[None]:
-    """While rows leave a batch, the per-row adapter routing (``adapterkit.route``) follows them."""
+    """While rows leave a batch, the per-row plans of ``adapterkit.route`` follow them (this thread only)."""
+    from adapterkit.core.context import current_plan, override
+    from adapterkit.core.plan import Route
     from adapterkit.core.state import get_state, has_state
 
     state = get_state(model) if has_state(model) else None
-    routing = state.routing if state is not None else None
-    if routing is None or len(rows) == len(routing):
+    plan = current_plan(state) if state is not None else None
+    if not isinstance(plan, Route) or len(rows) == len(plan.entries):
         yield
         return
-    state.routing = [routing[i] for i in rows.tolist()]
-    try:
+    with override(state, Route([plan.entries[i] for i in rows.tolist()])):
         yield
-    finally:
-        state.routing = routing
 
 
 def _cache_of(output: Any) -> Any:
