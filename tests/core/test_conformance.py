@@ -57,7 +57,8 @@ def _perturb(model: torch.nn.Module, name: str, seed: int = 0) -> None:
 
 def test_every_registered_method_is_covered() -> None:
     methods = {c().method for c, _, _ in CASES.values()}
-    assert set(ak.registered_methods()) <= methods
+    # A fusion is built over other adapters, not added alone: tests/core/test_composition.py covers it.
+    assert set(ak.registered_methods()) - {"fusion"} <= methods
 
 
 @pytest.mark.parametrize("case,kind", PARAMS)

@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from adapterkit.core.compose import Algebra, cached_fold, route_groups
 from adapterkit.core.config import AdapterConfig
-from adapterkit.core.layers import AdapterLayer
-from adapterkit.core.plan import Fuse, Route
+from adapterkit.core.layers import AdapterLayer, MergeError
+from adapterkit.core.plan import Fuse, Plan, Route
 
 # Which head copies answer, with what weight: ((adapter or None for the base head, weight), ...).
 Choice = tuple[tuple[str | None, float], ...]
@@ -73,6 +73,31 @@ class HeadLayer(AdapterLayer):
         if isinstance(plan, Route):
             return self._routed(hidden, plan, *args, **kwargs)
         return self._answer(cached_fold(self, plan, self.choice), hidden, *args, **kwargs)
+
+    def effect(self, plan: "Plan | str") -> Choice | None:
+        return cached_fold(self, plan, self.choice)
+
+    @torch.no_grad()
+    def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
+        """The head that answers ``plan`` as a plain module (an Average of linear heads as one linear head)."""
+        choice = self.effect(plan)
+        if choice is None:
+            return self.base_layer
+        if len(choice) == 1 and choice[0][1] == 1.0:
+            return self._module(choice[0][0])
+        modules = [self._module(n) for n, _ in choice]
+        if not all(type(m) is nn.Linear and m.weight.shape == modules[0].weight.shape for m in modules):
+            raise MergeError(
+                "the plan averages several task heads; only plain linear heads of one shape combine into "
+                f"a single head, these are {sorted({type(m).__name__ for m in modules})}"
+            )
+        first = modules[0]
+        head = nn.Linear(first.in_features, first.out_features, bias=first.bias is not None,
+                         device=first.weight.device, dtype=first.weight.dtype)
+        head.weight.copy_(sum(m.weight * w for m, (_, w) in zip(modules, choice)))
+        if head.bias is not None:
+            head.bias.copy_(sum(m.bias * w for m, (_, w) in zip(modules, choice)))
+        return head
 
     def _answer(self, choice: Choice | None, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if choice is None:

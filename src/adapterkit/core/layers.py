@@ -124,6 +124,24 @@ class AdapterLayer(nn.Module):
         """Take adapter ``name`` back out of the base weights."""
         raise MergeError(f"{self.method} adapters are never merged, so there is nothing to unmerge")
 
+    def effect(self, plan: "Plan | str") -> object | None:
+        """What ``plan`` does at this layer (None: nothing); each method's algebra decides."""
+        raise NotImplementedError
+
+    def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
+        """Fold ``plan``'s change at this layer into the wrapped weights; return the module to put in its place.
+
+        With ``apply=False`` only check that it can be done (raising MergeError
+        if not), changing nothing. The default serves methods whose change no
+        weight can absorb: it succeeds only when the plan changes nothing here.
+        """
+        if self.effect(plan) is None:
+            return self.base_layer
+        raise MergeError(
+            f"{self.method} adapters cannot be merged into the base weights: they add a computation "
+            "(non-linear or sequence-changing) that no weight matrix of the base layer can absorb"
+        )
+
     def adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Where new adapter weights go: the base weights' device, float32 unless base is float64."""
         ref = next(self.base_layer.parameters(), None)

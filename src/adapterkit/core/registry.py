@@ -52,6 +52,8 @@ class Method:
     # The ``AdapterLayer.method`` whose layers hold this method's weights (default: ``name``);
     # a fusion keeps its weights in bottleneck layers.
     layer_method: ClassVar[str | None] = None
+    # False for methods built over other adapters (a fusion): not trainable from scratch on its own.
+    standalone: ClassVar[bool] = True
     # Why ``merge`` refuses this method (shown to the user); methods may say it better.
     not_mergeable_because: ClassVar[str] = (
         "its update is not a change of existing weights (it adds a non-linear computation "
@@ -254,7 +256,7 @@ def get_method(key: str | AdapterConfig | type[AdapterConfig]) -> Method:
 def method_choices() -> list[str]:
     """The names users type for the registered methods: each one's shortest alias, or its name."""
     _load_builtin_methods()
-    return [min((m.name, *m.aliases), key=len) for _, m in sorted(_METHODS.items())]
+    return [min((m.name, *m.aliases), key=len) for _, m in sorted(_METHODS.items()) if m.standalone]
 
 
 def method_for_peft_type(peft_type: str) -> Method:

@@ -23,6 +23,7 @@ import torch.nn as nn
 
 from adapterkit.core.architectures import model_type
 from adapterkit.core.config import AdapterConfig
+from adapterkit.core.base_weight import update_base_tensor
 from adapterkit.core.compose import cached_fold
 from adapterkit.core.layers import (
     AdapterLayer,
@@ -85,6 +86,17 @@ class BitFitLayer(AdapterLayer):
             return routed_sum(x, plan, self._plan_delta, result)
         terms = cached_fold(self, plan, self.terms)
         return apply_terms(terms, self._offset, result) if terms else result
+
+    def effect(self, plan: "Plan | str") -> object | None:
+        return cached_fold(self, plan, self.terms)
+
+    @torch.no_grad()
+    def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
+        """For export: the plan's weighted offsets added to the wrapped bias."""
+        terms = self.effect(plan)
+        if terms and apply:
+            update_base_tensor(innermost(self.base_layer), "bias", lambda b: apply_terms(terms, self._offset, b))
+        return self.base_layer
 
     def merge(self, name: str) -> None:
         raise MergeError(

@@ -232,6 +232,9 @@ class BottleneckLayer(AdapterLayer):
         effect = cached_fold(self, plan, self.effects)
         return result if effect is None else self._apply(effect, result, block_input)
 
+    def effect(self, plan: "Plan | str") -> Effect | None:
+        return cached_fold(self, plan, self.effects)
+
     def _plan_change(self, entry: "Plan | str", block_input: torch.Tensor | None,
                      out: torch.Tensor) -> torch.Tensor | None:
         effect = cached_fold(self, entry, self.effects)

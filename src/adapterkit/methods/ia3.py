@@ -25,7 +25,7 @@ from adapterkit.core.config import AdapterConfig, ConfigError, check_targets
 from adapterkit.core.base_weight import update_base_tensor
 from adapterkit.core.compose import Algebra, cached_fold, route_groups
 from adapterkit.core.layers import AdapterLayer, MergeError, call_rows, innermost
-from adapterkit.core.plan import Route
+from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
@@ -206,6 +206,48 @@ class IA3Layer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         scale_out = rows(False, self.out_features)
         return (result.to(scale_out.dtype) * per_example(scale_out, result)).to(result.dtype)
+
+    def effect(self, plan: "Plan | str") -> Effect | None:
+        return cached_fold(self, plan, self.effects)
+
+    @torch.no_grad()
+    def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
+        """For export: the plan's scalings folded into the wrapped weight (and bias)."""
+        effect = self.effect(plan)
+        if effect is None:
+            return self.base_layer
+        scale_in, scale_out = self._combined(effect)
+        if not apply:
+            return self.base_layer
+        core = self.base_layer
+        if scale_in is not None:  # columns of a Linear weight (out, in); rows of Conv1D (in, out)
+            vec = scale_in.detach()
+            update_base_tensor(core, "weight", lambda w: w * (vec.unsqueeze(1) if self.fan_in_fan_out else vec).to(w.dtype))
+        if scale_out is not None:
+            vec = scale_out.detach()
+            update_base_tensor(core, "weight", lambda w: w * (vec if self.fan_in_fan_out else vec.unsqueeze(1)).to(w.dtype))
+            if core.bias is not None:
+                update_base_tensor(core, "bias", lambda b: b * vec.to(b.dtype))
+        return self.base_layer
+
+    def _combined(self, effect: Effect) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One input and one output scale vector equal to ``effect``, or a MergeError when none exists."""
+        if effect[0] == "scale":
+            return self._product(list(effect[1])), self._product(list(effect[2]))
+        if effect[0] == "average":
+            parts = [(None if p is None else self._combined(p), w) for p, w in effect[1]]
+            sides = {i for part, _ in parts if part is not None for i in (0, 1) if part[i] is not None}
+            if len(sides) == 1:  # all parts scale the same side: the weighted outputs are one scaling
+                side = sides.pop()
+                size = self.in_features if side == 0 else self.out_features
+                ref = next(iter(self.ia3_l.values()))
+                total = sum((part[side] if part is not None and part[side] is not None
+                             else torch.ones(size, dtype=ref.dtype, device=ref.device)) * w for part, w in parts)
+                return (total, None) if side == 0 else (None, total)
+        raise MergeError(
+            "this IA3 combination mixes input and output scalings in an Average (or nests one in a "
+            "Stack), which no single weight matrix equals; fold one adapter or an Average of like ones"
+        )
 
     # --- merging --------------------------------------------------------------
     def _oriented(self, name: str) -> torch.Tensor:

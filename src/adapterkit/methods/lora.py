@@ -259,7 +259,9 @@ class LoraLayer(AdapterLayer):
         hit = cache.get(key) if not torch.is_grad_enabled() else None  # .get: another thread may clear it
         if hit is not None:
             return hit
-        rank = max((self.lora_A[n].weight.shape[0] for n in names), default=1)
+        # Pad to the largest rank held, not the largest routed: the stacks keep one
+        # shape whatever the routing list, so a compiled graph never sees a new one.
+        rank = max(module.weight.shape[0] for module in self.lora_A.values())
         ref = next(iter(self.lora_A.values())).weight
         out_features, in_features = self.base_weight().shape
         a_stack = ref.new_zeros(len(names) + 1, rank, in_features)
@@ -337,6 +339,30 @@ class LoraLayer(AdapterLayer):
         update_base_tensor(base_layer_core(self.base_layer), "weight", unfold)
         self.merged_adapters.remove(name)
         self.state.changed()
+
+
+    def effect(self, plan: "Plan | str") -> Terms | None:
+        return cached_fold(self, plan, self.terms)
+
+    @torch.no_grad()
+    def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
+        """Add ``sum(w * delta)`` of the plan to the wrapped weight (DoRA: one adapter at weight 1 only)."""
+        terms = self.effect(plan) or ()
+        dora = [n for n, _ in terms if n in self.lora_magnitude_vector]
+        if dora and (len(terms) > 1 or terms[0][1] != 1.0):
+            raise MergeError(
+                f"DoRA adapter {dora[0]!r} rescales the whole weight, so it folds into the base only alone "
+                f"and at weight 1; the plan combines {[n for n, _ in terms]}"
+            )
+        core = base_layer_core(self.base_layer)
+        if not apply:
+            return self.base_layer
+        if dora:
+            update_base_tensor(core, "weight", lambda w: self.merged_weight(dora[0], w))
+        elif terms:
+            update_base_tensor(core, "weight", lambda w: w + sum(
+                self.delta_weight(n).detach().to(w.dtype) * c for n, c in terms))
+        return self.base_layer
 
 
 def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str, Any]:
