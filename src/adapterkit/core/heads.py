@@ -59,7 +59,7 @@ class HeadLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, state: Any) -> None:
         super().__init__(base_layer, state)
         self.copies = nn.ModuleDict()
-        self.choice = HeadChoice(self)
+        self.algebra = HeadChoice(self)
 
     def add_adapter(self, name: str, config: AdapterConfig | None = None) -> None:
         """Give adapter ``name`` its own copy of the head, starting from the current weights."""
@@ -72,10 +72,7 @@ class HeadLayer(AdapterLayer):
         plan = self.plan()
         if isinstance(plan, Route):
             return self._routed(hidden, plan, *args, **kwargs)
-        return self._answer(cached_fold(self, plan, self.choice), hidden, *args, **kwargs)
-
-    def effect(self, plan: "Plan | str") -> Choice | None:
-        return cached_fold(self, plan, self.choice)
+        return self._answer(cached_fold(self, plan, self.algebra), hidden, *args, **kwargs)
 
     @torch.no_grad()
     def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
@@ -114,7 +111,7 @@ class HeadLayer(AdapterLayer):
         """Each example through the head its plan chooses."""
         out: torch.Tensor | None = None
         for entry, rows in route_groups(route, hidden.shape[0]).items():
-            choice = None if entry is None else cached_fold(self, entry, self.choice)
+            choice = None if entry is None else cached_fold(self, entry, self.algebra)
             index = torch.tensor(rows, device=hidden.device)
             part = self._answer(choice, hidden.index_select(0, index), *args, **kwargs)
             if out is None:

@@ -12,7 +12,7 @@ from typing import Callable, ClassVar, Iterator
 import torch
 import torch.nn as nn
 
-from adapterkit.core.compose import Algebra, route_groups
+from adapterkit.core.compose import Algebra, cached_fold, route_groups
 from adapterkit.core.config import AdapterConfig
 from adapterkit.core.context import current_plan, override
 from adapterkit.core.plan import Plan, Route
@@ -124,9 +124,12 @@ class AdapterLayer(nn.Module):
         """Take adapter ``name`` back out of the base weights."""
         raise MergeError(f"{self.method} adapters are never merged, so there is nothing to unmerge")
 
+    # The method's composition rules (core/compose.py), set by each layer class.
+    algebra: Algebra
+
     def effect(self, plan: "Plan | str") -> object | None:
-        """What ``plan`` does at this layer (None: nothing); each method's algebra decides."""
-        raise NotImplementedError
+        """What ``plan`` does at this layer (None: nothing), by the method's algebra; cached per plan."""
+        return cached_fold(self, plan, self.algebra)
 
     def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
         """Fold ``plan``'s change at this layer into the wrapped weights; return the module to put in its place.

@@ -117,48 +117,39 @@ def _child(value: PlanLike) -> "Plan | str":
     return as_plan(value)
 
 
-class Stack(Plan):
+class _Parts(Plan):
+    """A block over an ordered list of parts (Stack and Sum differ only in meaning)."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, *items: PlanLike) -> None:
+        object.__setattr__(self, "items", tuple(_child(i) for i in _flat_args(items)))
+
+    def parts(self) -> tuple["Plan | str", ...]:
+        return self.items
+
+    def to_dict(self) -> dict[str, Any]:
+        return {self.kind: [_part_dict(p) for p in self.items]}
+
+    def _key(self) -> tuple:
+        return self.items
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.items))})"
+
+
+class Stack(_Parts):
     """Parts applied in order, each on the result of the previous one."""
 
-    __slots__ = ("items",)
+    __slots__ = ()
     kind = "stack"
 
-    def __init__(self, *items: PlanLike) -> None:
-        object.__setattr__(self, "items", tuple(_child(i) for i in _flat_args(items)))
 
-    def parts(self) -> tuple["Plan | str", ...]:
-        return self.items
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"stack": [_part_dict(p) for p in self.items]}
-
-    def _key(self) -> tuple:
-        return self.items
-
-    def __repr__(self) -> str:
-        return f"Stack({', '.join(map(repr, self.items))})"
-
-
-class Sum(Plan):
+class Sum(_Parts):
     """Parts applied to the same input, their changes added. ``Sum()`` is the base model."""
 
-    __slots__ = ("items",)
+    __slots__ = ()
     kind = "sum"
-
-    def __init__(self, *items: PlanLike) -> None:
-        object.__setattr__(self, "items", tuple(_child(i) for i in _flat_args(items)))
-
-    def parts(self) -> tuple["Plan | str", ...]:
-        return self.items
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"sum": [_part_dict(p) for p in self.items]}
-
-    def _key(self) -> tuple:
-        return self.items
-
-    def __repr__(self) -> str:
-        return f"Sum({', '.join(map(repr, self.items))})"
 
 
 class Average(Plan):

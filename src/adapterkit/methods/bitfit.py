@@ -65,7 +65,7 @@ class BitFitLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, state: AdapterState) -> None:
         super().__init__(base_layer, state)
         self.bitfit = nn.ModuleDict()
-        self.terms = WeightedTerms(self)
+        self.algebra = WeightedTerms(self)
 
     def add_adapter(self, name: str, config: AdapterConfig) -> None:
         """Create adapter ``name``'s zero offset, shaped like the wrapped bias."""
@@ -76,7 +76,7 @@ class BitFitLayer(AdapterLayer):
         return self.bitfit[name].bias  # (out,), broadcast over the leading dims
 
     def _plan_delta(self, entry: "Plan | str", x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
-        terms = cached_fold(self, entry, self.terms)
+        terms = cached_fold(self, entry, self.algebra)
         return None if not terms else apply_terms(terms, self._offset, torch.zeros_like(out))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -84,11 +84,8 @@ class BitFitLayer(AdapterLayer):
         plan = self.plan()
         if isinstance(plan, Route):
             return routed_sum(x, plan, self._plan_delta, result)
-        terms = cached_fold(self, plan, self.terms)
+        terms = cached_fold(self, plan, self.algebra)
         return apply_terms(terms, self._offset, result) if terms else result
-
-    def effect(self, plan: "Plan | str") -> object | None:
-        return cached_fold(self, plan, self.terms)
 
     @torch.no_grad()
     def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:

@@ -131,7 +131,7 @@ class BottleneckLayer(AdapterLayer):
         self.adapter_fusion = nn.ModuleDict()
         self.non_linearity: dict[str, str] = {}
         self.parallel: dict[str, bool] = {}
-        self.effects = BottleneckEffects(self)
+        self.algebra = BottleneckEffects(self)
         # The FFN block input seen by the pre-hook, consumed by the next forward;
         # per thread, since two threads may run the model at once.
         self._seen = PerThread()
@@ -229,15 +229,12 @@ class BottleneckLayer(AdapterLayer):
             if block_input is None:
                 return routed_sum(x, plan, lambda e, _, out: self._plan_change(e, None, out), result)
             return routed_sum(block_input, plan, self._plan_change, result)
-        effect = cached_fold(self, plan, self.effects)
+        effect = cached_fold(self, plan, self.algebra)
         return result if effect is None else self._apply(effect, result, block_input)
-
-    def effect(self, plan: "Plan | str") -> Effect | None:
-        return cached_fold(self, plan, self.effects)
 
     def _plan_change(self, entry: "Plan | str", block_input: torch.Tensor | None,
                      out: torch.Tensor) -> torch.Tensor | None:
-        effect = cached_fold(self, entry, self.effects)
+        effect = cached_fold(self, entry, self.algebra)
         return None if effect is None else self._change(effect, out, block_input)
 
 

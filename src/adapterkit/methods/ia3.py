@@ -111,7 +111,7 @@ class IA3Layer(AdapterLayer):
         self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
-        self.effects = IA3Effects(self)
+        self.algebra = IA3Effects(self)
 
     def add_adapter(self, name: str, config: AdapterConfig, feedforward: bool = False) -> None:
         """Create adapter ``name``: ones of shape (1, in) if ``feedforward`` else (out, 1)."""
@@ -143,7 +143,7 @@ class IA3Layer(AdapterLayer):
             if all(e is None or isinstance(e, str) for e in plan.entries):
                 return self._routed(x, [e for e in plan.entries], *args, **kwargs)
             return self._routed_plans(x, plan, call)
-        effect = cached_fold(self, plan, self.effects)
+        effect = cached_fold(self, plan, self.algebra)
         return call(x) if effect is None else self._apply(effect, x, call)
 
     def _apply(self, effect: Effect, x: torch.Tensor, call: Any) -> torch.Tensor:
@@ -173,7 +173,7 @@ class IA3Layer(AdapterLayer):
         for entry, rows in route_groups(route, x.shape[0]).items():
             index = torch.tensor(rows, device=x.device)
             part_x = x.index_select(0, index)
-            effect = None if entry is None else cached_fold(self, entry, self.effects)
+            effect = None if entry is None else cached_fold(self, entry, self.algebra)
             run = (lambda e, z: (lambda: call(z) if e is None else self._apply(e, z, call)))(effect, part_x)
             part = call_rows(route, rows, state, run)
             if out is None:
@@ -206,9 +206,6 @@ class IA3Layer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         scale_out = rows(False, self.out_features)
         return (result.to(scale_out.dtype) * per_example(scale_out, result)).to(result.dtype)
-
-    def effect(self, plan: "Plan | str") -> Effect | None:
-        return cached_fold(self, plan, self.effects)
 
     @torch.no_grad()
     def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:

@@ -85,7 +85,7 @@ class LoraLayer(AdapterLayer):
         self.scaling: dict[str, float] = {}
         # DoRA merged: the per-row norms of W + s BA, the one thing unmerge cannot recompute.
         self._dora_norms: dict[str, torch.Tensor] = {}
-        self.terms = WeightedTerms(self)
+        self.algebra = WeightedTerms(self)
 
     # --- shapes -------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
@@ -197,7 +197,7 @@ class LoraLayer(AdapterLayer):
 
     def _plan_delta(self, entry: "Plan | str", x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
         """What the plan ``entry`` adds to ``out`` (rows of a routed batch)."""
-        terms = cached_fold(self, entry, self.terms)
+        terms = cached_fold(self, entry, self.algebra)
         if not terms:
             return None
         total = None
@@ -341,9 +341,6 @@ class LoraLayer(AdapterLayer):
         self.state.changed()
 
 
-    def effect(self, plan: "Plan | str") -> Terms | None:
-        return cached_fold(self, plan, self.terms)
-
     @torch.no_grad()
     def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
         """Add ``sum(w * delta)`` of the plan to the wrapped weight (DoRA: one adapter at weight 1 only)."""
@@ -382,7 +379,7 @@ def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str,
 
             route_groups(plan, batch)  # raises the batch-size error
         return "rows", layer._stacked(plan.entries, device)
-    terms = cached_fold(layer, plan, layer.terms)
+    terms = cached_fold(layer, plan, layer.algebra)
     return ("terms", terms) if terms else ("none", None)
 
 
