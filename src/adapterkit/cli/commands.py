@@ -245,3 +245,50 @@ def info(adapter: Path, json: bool = False) -> int:
     summary = adapter_info(adapter)
     print(json_lib.dumps(summary, indent=1) if json else format_adapter_info(summary))
     return 0
+
+
+def export(
+    *,
+    adapter: list[Path],
+    output: Path,
+    plan: Path | None = None,
+    format: Literal["hf", "gguf"] | None = None,
+    overwrite: bool = False,
+) -> int:
+    """Export trained adapters merged into their base as a Hugging Face model folder that plain
+    transformers loads (or a LoRA adapter as a llama.cpp GGUF file).
+
+    Args:
+        adapter: one or more adapter folders (a run's adapter/), all after one --adapter (--adapter A B);
+            several take a --plan saying how to combine them.
+        output: the model folder to write (with --format gguf: the .gguf file).
+        plan: a YAML or JSON file holding the plan to fold, e.g. {"average": [["a", 0.5], ["b", 0.5]]},
+            naming the adapters by the names they were saved under ("name" in each folder's adapterkit.json).
+        format: hf (a merged model folder) or gguf (one LoRA adapter on a Llama-architecture base, for
+            llama.cpp's --lora); default: gguf when --output ends in .gguf, else hf.
+        overwrite: replace what is already at --output (kept whole until the new export is complete).
+    """
+    from adapterkit.core.plan import describe
+    from adapterkit.export.hf_folder import check_output, export_merged, load_adapters, plan_for, read_plan
+
+    chosen_format = format or ("gguf" if output.suffix.lower() == ".gguf" else "hf")
+    check_output(output, overwrite, sources=adapter)  # before the slow load
+    if chosen_format == "gguf":
+        if len(adapter) != 1 or plan is not None:
+            raise UsageError("--format gguf writes one LoRA adapter as it is: give one --adapter and no --plan")
+        from adapterkit.export.gguf_lora import export_gguf_lora
+
+        model, _, (name,) = load_adapters(adapter)
+        written = export_gguf_lora(model, name, output)
+        print(f"exported:  {written} (llama.cpp GGUF LoRA adapter {name!r}, "
+              f"for its base model converted with llama.cpp's convert_hf_to_gguf.py)")
+        return 0
+    given = read_plan(plan) if plan is not None else None
+    model, tokenizer, names = load_adapters(adapter)
+    folded = plan_for(names, given)
+    written = export_merged(model, tokenizer, output, plan=folded, overwrite=overwrite)
+    print(f"exported:  {written}")
+    print(f"plan:      {describe(folded)} folded into the weights")
+    print(f"model:     {type(model).__name__} ({str(model.dtype).removeprefix('torch.')}); load it with "
+          f"transformers' from_pretrained({str(written)!r})")
+    return 0

@@ -15,6 +15,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "info": commands.info,
     "generate": generation.generate,
     "chat": generation.chat,
+    "export": commands.export,
 }
 
 def _quiet_broken_pipe() -> None:
