@@ -106,9 +106,12 @@ def test_an_average_plan_of_two_adapters(llama, tmp_path, capsys) -> None:
     code, _, err = export_cli(capsys, "--adapter", a, b, "--output", out)
     assert code == 2 and "2 adapters (a, b)" in err and "--plan FILE" in err and not out.exists()
 
+    code, _, err = export_cli(capsys, "--adapter", a, "--adapter", b, "--output", out)  # the flag repeated
+    assert code == 2 and "2 adapters (a, b)" in err
+
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(json.dumps({"average": [["a", 0.25], ["b", 0.75]]}))
-    code, printed, err = export_cli(capsys, "--adapter", a, b, "--plan", plan_file, "--output", out)
+    code, printed, err = export_cli(capsys, "--adapter", a, "--adapter", b, "--plan", plan_file, "--output", out)
     assert code == 0, err
     assert "plan:      Average({'a': 0.25, 'b': 0.75}) folded" in printed
 

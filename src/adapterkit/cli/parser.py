@@ -2,7 +2,7 @@
 
 Flags come from each function's signature: a parameter without a default is
 positional, a keyword-only one without a default is a required option, ``bool`` is a switch, ``X | None`` takes an ``X``, a ``Literal``
-gives the choices, ``list[str]`` takes any number of values. Help text comes
+gives the choices, ``list[str]`` takes any number of values (an option may also be repeated). Help text comes
 from the ``Args:`` section of the docstring.
 """
 
@@ -60,6 +60,8 @@ def _argument(name: str, param: inspect.Parameter, hint: Any, help_text: str) ->
         kwargs["type"] = typing.get_args(hint)[0] if typing.get_args(hint) else str
         if positional:
             kwargs["default"] = []
+        else:  # ``--adapter A --adapter B`` and ``--adapter A B`` both give [A, B]
+            kwargs["action"] = "extend"
     elif typing.get_origin(hint) is Literal:
         kwargs["choices"] = list(typing.get_args(hint))
     elif hint in (int, float, str, Path):

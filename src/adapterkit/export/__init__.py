@@ -1,4 +1,4 @@
-"""Adapters written in the formats of other tools (llama.cpp's GGUF adapters, ...)."""
+"""Adapters written for tools that know nothing about adapterkit: merged HF folders, llama.cpp GGUF."""
 
 from adapterkit.export.gguf_lora import (
     GGUF_ARCHES,
@@ -6,5 +6,6 @@ from adapterkit.export.gguf_lora import (
     export_gguf_lora_folder,
     gguf_lora_tensors,
 )
+from adapterkit.export.hf_folder import export_merged
 
-__all__ = ["GGUF_ARCHES", "export_gguf_lora", "export_gguf_lora_folder", "gguf_lora_tensors"]
+__all__ = ["export_merged", "GGUF_ARCHES", "export_gguf_lora", "export_gguf_lora_folder", "gguf_lora_tensors"]
