@@ -457,3 +457,16 @@ def test_methods_without_a_merge_rule_are_refused() -> None:
     with pytest.raises(MergeError, match="prompt_tuning adapters cannot be merged into one: .*virtual tokens"):
         merge_adapters(model, {"prompt": 0.5}, "m")
     assert ak.list_adapters(model) == ["dora", "lora", "ia3", "prefix", "prompt"]
+
+
+def test_the_default_plan_survives_a_merge() -> None:
+    import adapterkit as ak
+    from tests.tiny_models import build_tiny
+
+    model, _ = build_tiny("bert")
+    ak.add_adapter(model, "a", ak.LoraConfig(rank=2))
+    ak.add_adapter(model, "b", ak.LoraConfig(rank=2))
+    plan = ak.Average({"a": 0.3, "b": 0.7})
+    ak.set_active(model, plan)
+    ak.merge_adapters(model, {"a": 0.5, "b": 0.5}, "ab")
+    assert ak.active_plan(model) == plan

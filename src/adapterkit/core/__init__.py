@@ -22,6 +22,7 @@ from adapterkit.core.lifecycle import (
     use,
 )
 from adapterkit.core.merged import merge_and_unload
+from adapterkit.core.merging import MergeReport, merge_adapters
 from adapterkit.core.plan import Average, Fuse, Plan, Route, Stack, Sum, plan_from_dict
 from adapterkit.core.registry import (
     Method,
@@ -49,5 +50,5 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter_metadata", "AdapterFileError",
     "MissingAdapterFileError", "BaseModelMismatchError",
     "use", "active_plan", "Plan", "Stack", "Sum", "Average", "Fuse", "Route", "plan_from_dict",
-    "CompositionError", "merge_and_unload",
+    "CompositionError", "merge_and_unload", "merge_adapters", "MergeReport",
 ]

@@ -36,8 +36,8 @@ from adapterkit.core import merge_math
 from adapterkit.core.config import AdapterConfig
 from adapterkit.core.heads import HeadLayer
 from adapterkit.core.layers import AdapterLayer, MergeError, adapter_layers, find_layer
+from adapterkit.core.state import get_state
 from adapterkit.core.lifecycle import (
-    active_adapters,
     add_adapter,
     delete_adapter,
     get_adapter_config,
@@ -149,7 +149,7 @@ def merge_adapters(
                          f"{' or '.join(repr(m) for m in allowed)}: {why}")
     built = build(model, name, dict(weights), configs, options)
     heads = _averaged_heads(model, weights)
-    previous = active_adapters(model)
+    previous = get_state(model).default  # the default plan, restored whole (an Average stays one)
     add_adapter(model, name, built.config, train_head=bool(heads))
     try:
         with torch.no_grad():
@@ -157,9 +157,9 @@ def merge_adapters(
             _write_heads(model, name, heads)
     except BaseException:
         delete_adapter(model, name)
-        set_active(model, previous or None)
+        set_active(model, previous)
         raise
-    set_active(model, previous or None)
+    set_active(model, previous)
     errors = built.errors
     return MergeReport(name=name, method=method, rank=built.rank,
                        worst_error=max(errors) if errors else None,
