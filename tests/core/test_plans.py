@@ -27,6 +27,7 @@ def test_plan_round_trips_through_dict_json_and_pickle(plan: ak.Plan | str) -> N
     data = plan if isinstance(plan, str) else plan.to_dict()
     again = ak.plan_from_dict(json.loads(json.dumps(data)))
     assert again == plan and hash(again) == hash(plan)
+    assert ak.Plan.from_dict(data) == plan
     assert pickle.loads(pickle.dumps(plan)) == plan
     if not isinstance(plan, str):
         assert eval(repr(plan), {**vars(ak)}) == plan  # it prints as the Python that builds it

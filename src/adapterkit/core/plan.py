@@ -47,6 +47,11 @@ class Plan:
         """A JSON-friendly form; :func:`plan_from_dict` reads it back."""
         raise NotImplementedError
 
+    @staticmethod
+    def from_dict(data: Any) -> "Plan | str":
+        """The plan that :meth:`to_dict` wrote (the same as :func:`plan_from_dict`)."""
+        return plan_from_dict(data)
+
     def _key(self) -> tuple:
         raise NotImplementedError
 
