@@ -199,22 +199,14 @@ def _resolve_fuse(state: AdapterState, plan: Fuse) -> Fuse:
 
 def _refuse_inside(state: AdapterState, block: Plan, items: Sequence["Plan | str"]) -> None:
     """Raise when an adapter's method cannot take part in ``block``'s kind of combination."""
-    for name in dict.fromkeys(n for item in items for n in _leaves(item)):
+    for name in dict.fromkeys(n for item in items for n in trainable_names(item)):
         reason = _method_of(state, name).refuses.get(block.kind)
         if reason:
             raise CompositionError(f"{describe(block)}: {name!r} ({_method_of(state, name).name}) {reason}")
 
 
-def _leaves(plan: "Plan | str") -> list[str]:
-    if isinstance(plan, str):
-        return [plan]
-    if isinstance(plan, Fuse):
-        return []  # a fusion's members were checked by _resolve_fuse
-    return [n for p in plan.parts() for n in _leaves(p)]
-
-
 def _input_adapters(state: AdapterState, plan: "Plan | str") -> tuple[str, ...]:
-    return tuple(n for n in dict.fromkeys(_leaves(plan)) if _method_of(state, n).input_side)
+    return tuple(n for n in trainable_names(plan) if _method_of(state, n).input_side)
 
 
 def _method_of(state: AdapterState, name: str):  # -> Method (import cycle otherwise)

@@ -15,7 +15,7 @@ import torch.nn as nn
 from adapterkit.core.compose import Algebra, cached_fold, route_groups
 from adapterkit.core.config import AdapterConfig
 from adapterkit.core.context import current_plan, override
-from adapterkit.core.plan import Plan, Route
+from adapterkit.core.plan import Plan, Route, plan_names
 from adapterkit.core.state import AdapterState
 from adapterkit.errors import UnknownNameError, UserError
 
@@ -88,9 +88,7 @@ class AdapterLayer(nn.Module):
 
     def active_adapters(self) -> list[str]:
         """Adapters of the current plan that apply at this layer (for inspection and tests)."""
-        plan = self.plan()
-        names = plan.names() if not isinstance(plan, str) else (plan,)
-        return [n for n in names if self.applies(n)]
+        return [n for n in plan_names(self.plan()) if self.applies(n)]
 
     # --- lifecycle -------------------------------------------------------
     def add_adapter(self, name: str, config: AdapterConfig) -> None:

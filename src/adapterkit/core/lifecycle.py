@@ -25,7 +25,7 @@ from adapterkit.core.layers import (
     innermost,
     set_submodule,
 )
-from adapterkit.core.plan import Average, Plan, PlanLike, Route, Stack, Sum
+from adapterkit.core.plan import Average, Plan, PlanLike, Route, Stack, Sum, plan_names
 from adapterkit.core.registry import get_method, prune_empty_layers, wrap
 from adapterkit.core.state import (
     STATE_ATTR,
@@ -182,8 +182,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     users = [f for f, members in state.fusions.items() if name in members]
     if users:
         raise UsageError(f"fusion adapter(s) {users} attend over {name!r}; delete them first")
-    was_used = name in trainable_names(state.default) or (
-        not isinstance(state.default, str) and name in state.default.names())
+    was_used = name in plan_names(state.default)
     _remove(model, name, state)
     if was_used:
         state.default = _without(state.default, name)

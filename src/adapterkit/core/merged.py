@@ -14,7 +14,7 @@ import torch.nn as nn
 from adapterkit.core.compose import resolve_plan
 from adapterkit.core.context import current_plan
 from adapterkit.core.layers import STORE_ATTR, AdapterLayer, MergeError, candidate_modules, get_store, set_submodule
-from adapterkit.core.plan import Plan, PlanLike, Route, describe
+from adapterkit.core.plan import Plan, PlanLike, Route, describe, plan_names
 from adapterkit.core.registry import get_method
 from adapterkit.core.state import drop_state, get_state, has_state
 
@@ -33,8 +33,7 @@ def merge_and_unload(model: nn.Module, plan: PlanLike | Plan = None) -> nn.Modul
     resolved = current_plan(state) if plan is None else resolve_plan(state, plan)
     if isinstance(resolved, Route):
         raise MergeError(f"{describe(resolved)} gives each example its own plan; fold one plan into the weights")
-    names = (resolved,) if isinstance(resolved, str) else resolved.names()
-    for name in names:
+    for name in plan_names(resolved):
         method = get_method(state.configs[name])
         if method.layer_class is None or method.fusable or method.name == "fusion":
             raise MergeError(

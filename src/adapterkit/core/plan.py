@@ -41,7 +41,7 @@ class Plan:
 
     def names(self) -> tuple[str, ...]:
         """Every adapter name the plan mentions, in first-seen order."""
-        return tuple(dict.fromkeys(_walk_names(self)))
+        return plan_names(self)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly form; :func:`plan_from_dict` reads it back."""
@@ -73,6 +73,11 @@ class Plan:
 
     def __reduce__(self) -> tuple:
         return (plan_from_dict, (self.to_dict(),))
+
+
+def plan_names(plan: "Plan | str | None") -> tuple[str, ...]:
+    """Every adapter name ``plan`` mentions, in first-seen order (a bare name is its own plan)."""
+    return tuple(dict.fromkeys(_walk_names(plan)))
 
 
 def _walk_names(plan: "Plan | str | None") -> Iterator[str]:

@@ -18,7 +18,7 @@ import torch.nn as nn
 from adapterkit.core.config import ConfigError
 from adapterkit.core.context import PerThread, current_plan
 from adapterkit.core.layers import get_store
-from adapterkit.core.plan import Route
+from adapterkit.core.plan import Route, plan_names
 from adapterkit.core.state import AdapterState
 from adapterkit.errors import UnknownNameError, UsageError, WrongTypeError
 
@@ -62,7 +62,7 @@ def hook_applies(state: AdapterState, name: str) -> bool:
         plan = plan.entries[0]
         if plan is None:
             return False
-    return name == plan if isinstance(plan, str) else name in plan.names()
+    return name in plan_names(plan)
 
 
 class PerThreadStack(PerThread):

@@ -141,7 +141,7 @@ class IA3Layer(AdapterLayer):
 
         if isinstance(plan, Route):
             if all(e is None or isinstance(e, str) for e in plan.entries):
-                return self._routed(x, [e for e in plan.entries], *args, **kwargs)
+                return self._routed(x, list(plan.entries), *args, **kwargs)
             return self._routed_plans(x, plan, call)
         effect = cached_fold(self, plan, self.algebra)
         return call(x) if effect is None else self._apply(effect, x, call)

@@ -24,8 +24,8 @@ from adapterkit.core.config import (
     check_targets,
 )
 from adapterkit.core.base_weight import read_base_tensor, update_base_tensor
-from adapterkit.core.compose import cached_fold
-from adapterkit.core.layers import AdapterLayer, MergeError, Terms, WeightedTerms, routed_sum
+from adapterkit.core.compose import cached_fold, route_groups
+from adapterkit.core.layers import AdapterLayer, MergeError, Terms, WeightedTerms, apply_terms, routed_sum
 from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register
 from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
@@ -200,12 +200,7 @@ class LoraLayer(AdapterLayer):
         terms = cached_fold(self, entry, self.algebra)
         if not terms:
             return None
-        total = None
-        for name, weight in terms:
-            delta = self._delta(name, x, out)
-            delta = delta if weight == 1.0 else delta * weight
-            total = delta if total is None else total + delta
-        return total
+        return apply_terms(terms, lambda name: self._delta(name, x, out), torch.zeros_like(out))
 
     def _accumulate(self, name: str, x: torch.Tensor, result: torch.Tensor, weight: float = 1.0) -> None:
         """Inference: ``result += scale * (x A^T) B^T`` as one multiply-accumulate into ``result``.
@@ -340,7 +335,6 @@ class LoraLayer(AdapterLayer):
         self.merged_adapters.remove(name)
         self.state.changed()
 
-
     @torch.no_grad()
     def fold_into_base(self, plan: "Plan | str", apply: bool = True) -> nn.Module:
         """Add ``sum(w * delta)`` of the plan to the wrapped weight (DoRA: one adapter at weight 1 only)."""
@@ -375,8 +369,6 @@ def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str,
                 or not all(e is None or isinstance(e, str) for e in plan.entries):
             return "routed", plan
         if len(plan.entries) != batch:
-            from adapterkit.core.compose import route_groups
-
             route_groups(plan, batch)  # raises the batch-size error
         return "rows", layer._stacked(plan.entries, device)
     terms = cached_fold(layer, plan, layer.algebra)
