@@ -237,3 +237,25 @@ def test_fusion_trains_only_itself_and_its_head_and_saves_and_loads(tmp_path) ->
     torch.testing.assert_close(output_tensor(fresh, inputs), fused, rtol=0, atol=0)
     with pytest.raises(Exception, match="attend over 'a'"):
         ak.delete_adapter(fresh, "a")
+
+
+def test_deleting_the_active_fusion_leaves_the_base_plan() -> None:
+    model, inputs = build_tiny("bert")
+    for seed, name in enumerate("ab", start=1):
+        ak.add_adapter(model, name, ak.BottleneckConfig(reduction_factor=4))
+        perturb(model, name, seed=seed)
+    ak.add_fusion(model, ["a", "b"], "ab")
+    ak.delete_adapter(model, "ab")
+    assert ak.active_plan(model) == ak.Sum()
+    with ak.adapters_disabled(model):
+        base = output_tensor(model, inputs)
+    torch.testing.assert_close(output_tensor(model, inputs), base, rtol=0, atol=0)
+
+
+def test_a_route_entry_may_not_hold_two_virtual_token_adapters() -> None:
+    model, _ = build_tiny("llama")
+    ak.add_adapter(model, "p", ak.PrefixTuningConfig(num_virtual_tokens=2))
+    ak.add_adapter(model, "q", ak.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ak.CompositionError, match="only one adapter that adds virtual tokens"):
+        with ak.route(model, [ak.Sum("p", "q"), ak.Sum("p", "q")]):
+            pass

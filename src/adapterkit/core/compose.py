@@ -127,7 +127,7 @@ def resolve_plan(state: AdapterState, value: object) -> "Plan | str":
     """
     plan = as_plan(value)  # type: ignore[arg-type]
     if isinstance(plan, Route):
-        entries = [None if e is None else _resolve(state, e, top=False) for e in plan.entries]
+        entries = [None if e is None else _resolve(state, e, top=True) for e in plan.entries]
         inputs = {_input_adapters(state, e) for e in entries if e is not None} - {()}
         if inputs and (len(set(entries)) > 1):
             raise CompositionError(

@@ -25,7 +25,7 @@ from adapterkit.core.layers import (
     innermost,
     set_submodule,
 )
-from adapterkit.core.plan import Average, Plan, PlanLike, Route, Stack, Sum, plan_names
+from adapterkit.core.plan import Average, Fuse, Plan, PlanLike, Route, Stack, Sum, plan_names
 from adapterkit.core.registry import get_method, prune_empty_layers, wrap
 from adapterkit.core.state import (
     STATE_ATTR,
@@ -294,6 +294,8 @@ def _without(plan: "Plan | str", name: str) -> "Plan | str":
     if isinstance(plan, Average):
         kept = [(_without(p, name), w) for p, w in zip(plan.items, plan.raw_weights) if p != name]
         return Average(kept, normalize=plan.normalize) if kept else Sum()
+    if isinstance(plan, Fuse) and plan.fusion == name:
+        return Sum()  # the fusion itself is deleted (its members cannot be while it exists)
     return plan
 
 
