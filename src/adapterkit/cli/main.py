@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from adapterkit.cli import commands, generation
+from adapterkit.cli import commands, generation, serving
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "train": commands.train,
@@ -16,6 +16,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "generate": generation.generate,
     "chat": generation.chat,
     "export": commands.export,
+    "serve": serving.serve,
 }
 
 def _quiet_broken_pipe() -> None:
