@@ -1,0 +1,263 @@
+"""``adapterkit serve`` under load: batching across adapters against one-at-a-time and same-adapter servers.
+
+    python bench/serve.py [--chats 64] [--adapters 16] [--new-tokens 32] [--classify 256] [--skip-scaling]
+
+Each server is a real ``adapterkit serve`` process on 127.0.0.1; the load
+generator is a bounded asyncio client (the official ``openai`` client for
+chats, httpx for ``/v1/classify``) in this process.
+
+1. SmolLM2-135M with 16 LoRA adapters (rank 8 on q/k/v/o, random weights),
+   64 concurrent chat requests spread over them, 32 new tokens each, greedy:
+   total generated tokens/s and p50/p95 latency of three servers, the same
+   code with ``--batching mixed`` (requests of any adapters share every
+   decoding step), ``same-adapter`` (a batch holds one adapter's requests)
+   and ``single`` (one request at a time, as a server around PEFT's
+   ``set_adapter`` runs). Every reply is checked against offline generation
+   of that prompt with that adapter.
+2. MiniLM with 8 classification adapters, 256 concurrent ``/v1/classify``
+   requests of one text each: requests/s batched (``--max-batch 64``)
+   against one at a time (``--max-batch 1``); labels checked against offline
+   ``predict``.
+3. Adapter-count scaling: the mixed server with 64 adapters loaded, the same
+   64 chats spread over 1, 16 and 64 of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+import torch  # noqa: E402
+
+import adapterkit as ak  # noqa: E402
+
+QUESTIONS = ["Name three primary colours.", "What is the capital of France?", "Give me a synonym for happy.",
+             "How many legs does a spider have?", "Write a haiku about rain.", "What is 12 times 7?",
+             "Explain what a noun is.", "Suggest a name for a cat.", "Why is the sky blue?",
+             "List two kinds of fruit.", "What does a thermometer measure?", "Say hello in Spanish."]
+REVIEWS = ["a gripping, beautifully acted film", "dull and far too long", "the best comedy of the year",
+           "i walked out halfway through", "charming, if slight", "a mess from start to finish",
+           "warm, funny and wise", "the plot makes no sense at all"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_adapters(model: torch.nn.Module, count: int, folder: Path, targets: list[str], seed: int = 0,
+                  scale: float = 0.02) -> list[str]:
+    """``count`` LoRA adapters with random (non-zero) weights saved under ``folder``; returns their names."""
+    gen = torch.Generator().manual_seed(seed)
+    names = [f"a{i:02d}" for i in range(count)]
+    for name in names:
+        ak.add_adapter(model, name, ak.LoraConfig(rank=8, alpha=16, targets=targets))
+        with torch.no_grad():
+            for param in ak.adapter_parameters(model, name).values():
+                param.add_(torch.randn(param.shape, generator=gen) * scale)
+        ak.save_adapter(model, name, folder / name)
+    return names
+
+
+class ServerProcess:
+    """``adapterkit serve`` in a child process, waited for until ``/health`` answers."""
+
+    def __init__(self, args: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        command = [sys.executable, "-m", "adapterkit.cli.main", "serve", "--port", str(self.port), *args]
+        self.process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True)
+
+    def __enter__(self) -> "ServerProcess":
+        import httpx
+
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.process.stderr.read()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("the server did not start within 10 minutes")
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+async def chat_load(url: str, jobs: list[tuple[str, str]], new_tokens: int, limit: int) -> dict:
+    """Send every (adapter, question) chat at once (at most ``limit`` in flight); texts, tokens, latencies."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", timeout=600, max_retries=0)
+    gate = asyncio.Semaphore(limit)
+
+    async def one(adapter: str, question: str) -> tuple[str, int, float]:
+        async with gate:
+            started = time.perf_counter()
+            reply = await client.chat.completions.create(
+                model=adapter, messages=[{"role": "user", "content": question}], max_tokens=new_tokens,
+                temperature=0)
+            return reply.choices[0].message.content, reply.usage.completion_tokens, time.perf_counter() - started
+
+    started = time.perf_counter()
+    results = await asyncio.wait_for(asyncio.gather(*(one(a, q) for a, q in jobs)), timeout=1800)
+    wall = time.perf_counter() - started
+    await client.close()
+    tokens = sum(r[1] for r in results)
+    latencies = [r[2] for r in results]
+    return {"texts": [r[0] for r in results], "tokens": tokens, "wall": wall, "tokens_per_s": tokens / wall,
+            "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)}
+
+
+async def classify_load(url: str, jobs: list[tuple[str, str]], limit: int) -> dict:
+    import httpx
+
+    gate = asyncio.Semaphore(limit)
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=limit)) as client:
+        async def one(adapter: str, text: str) -> tuple[str, float]:
+            async with gate:
+                started = time.perf_counter()
+                response = await client.post(url + "/v1/classify", json={"model": adapter, "input": [text]})
+                response.raise_for_status()
+                return response.json()["data"][0]["label"], time.perf_counter() - started
+
+        started = time.perf_counter()
+        results = await asyncio.wait_for(asyncio.gather(*(one(a, t) for a, t in jobs)), timeout=1800)
+        wall = time.perf_counter() - started
+    latencies = [r[1] for r in results]
+    return {"labels": [r[0] for r in results], "wall": wall, "requests_per_s": len(jobs) / wall,
+            "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)}
+
+
+def offline_chats(model: torch.nn.Module, tokenizer, jobs: list[tuple[str, str]], new_tokens: int) -> list[str]:
+    """What ``ak`` generates offline for each (adapter, question), one prompt at a time."""
+    from adapterkit.evaluate.generation import generate_text
+    from adapterkit.tasks.generation import GenerationOptions
+
+    texts = []
+    for adapter, question in jobs:
+        with ak.use(model, adapter):
+            texts += generate_text(model, tokenizer, [question], GenerationOptions(max_new_tokens=new_tokens))
+    return texts
+
+
+def bench_chats(args: argparse.Namespace, folder: Path) -> list[list[object]]:
+    from adapterkit.models import load_model
+
+    model, tokenizer = load_model("smollm2-135m", task="causal-lm")
+    count = max(args.adapters, 64 if not args.skip_scaling else 0)
+    names = make_adapters(model.eval(), count, folder, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    jobs = [(names[i % args.adapters], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.chats)]
+    print(f"offline references for {len(jobs)} chats ...", flush=True)
+    expected = offline_chats(model, tokenizer, jobs, args.new_tokens)
+    rows: list[list[object]] = []
+    results = {}
+    for mode in ("mixed", "same-adapter", "single"):
+        flags = ["--model", "smollm2-135m", "--batching", mode, "--max-batch", str(args.chats),
+                 *[x for n in names[:args.adapters] for x in ("--adapter", f"{n}={folder / n}")]]
+        with ServerProcess(flags) as server:
+            asyncio.run(chat_load(server.url, jobs[:4], args.new_tokens, args.chats))  # warm-up
+            result = asyncio.run(chat_load(server.url, jobs, args.new_tokens, args.chats))
+        wrong = sum(a.strip() != b.strip() for a, b in zip(result["texts"], expected))
+        results[mode] = result
+        rows.append([mode, result["tokens"], f"{result['wall']:.1f}", f"{result['tokens_per_s']:.1f}",
+                     f"{result['p50']:.2f}", f"{result['p95']:.2f}", f"{wrong}/{len(jobs)}"])
+    mixed = results["mixed"]["tokens_per_s"]
+    print(common.table(["batching", "tokens", "wall s", "tokens/s", "p50 s", "p95 s", "differ from offline"],
+                       rows))
+    print(f"mixed / single: {mixed / results['single']['tokens_per_s']:.2f}x (goal >= 5x); "
+          f"mixed / same-adapter: {mixed / results['same-adapter']['tokens_per_s']:.2f}x (goal >= 2x)\n")
+    if not args.skip_scaling:
+        scaling = []
+        flags = ["--model", "smollm2-135m", "--max-batch", str(args.chats),
+                 *[x for n in names[:64] for x in ("--adapter", f"{n}={folder / n}")]]
+        with ServerProcess(flags) as server:
+            asyncio.run(chat_load(server.url, jobs[:4], args.new_tokens, args.chats))
+            for k in (1, 16, 64):
+                mix = [(names[i % k], QUESTIONS[i % len(QUESTIONS)]) for i in range(args.chats)]
+                result = asyncio.run(chat_load(server.url, mix, args.new_tokens, args.chats))
+                scaling.append([k, f"{result['tokens_per_s']:.1f}", f"{result['p50']:.2f}", f"{result['p95']:.2f}"])
+        print(common.table(["adapters in the mix", "tokens/s", "p50 s", "p95 s"], scaling))
+        speeds = [float(r[1]) for r in scaling]
+        print(f"slowest / fastest: {min(speeds) / max(speeds):.2f} (goal: within 15%, >= 0.85)\n")
+    return rows
+
+
+def bench_classify(args: argparse.Namespace, folder: Path) -> None:
+    from adapterkit.models import load_model
+
+    labels = ["negative", "positive"]
+    model, tokenizer = load_model("minilm", task="classification", labels=labels)
+    names = make_adapters(model.eval(), 8, folder, ["query", "value"], seed=1, scale=0.05)
+    gen = torch.Generator().manual_seed(2)
+    for name in names:  # each adapter gets a random head of its own, so the adapters disagree
+        with torch.no_grad():
+            for key, param in ak.adapter_parameters(model, name).items():
+                if "classifier" in key:
+                    param.add_(torch.randn(param.shape, generator=gen))
+        ak.save_adapter(model, name, folder / name)
+    jobs = [(names[i % len(names)], REVIEWS[i % len(REVIEWS)]) for i in range(args.classify)]
+    expected = []
+    for adapter, text in jobs:
+        with ak.use(model, adapter):
+            expected.append(ak.predict(model, tokenizer, [text])[0][0])
+    rows, speeds = [], {}
+    for label, batch in (("batched (--max-batch 64)", 64), ("one at a time (--max-batch 1)", 1)):
+        flags = ["--model", "minilm", "--max-batch", str(batch),
+                 *[x for n in names for x in ("--adapter", f"{n}={folder / n}")]]
+        with ServerProcess(flags) as server:
+            asyncio.run(classify_load(server.url, jobs[:8], 8))
+            result = asyncio.run(classify_load(server.url, jobs, args.classify))
+        wrong = sum(a != b for a, b in zip(result["labels"], expected))
+        speeds[batch] = result["requests_per_s"]
+        rows.append([label, f"{result['wall']:.2f}", f"{result['requests_per_s']:.1f}", f"{result['p50']:.3f}",
+                     f"{result['p95']:.3f}", f"{wrong}/{len(jobs)}"])
+    print(common.table(["server", "wall s", "requests/s", "p50 s", "p95 s", "differ from offline"], rows))
+    print(f"batched / one at a time: {speeds[64] / speeds[1]:.2f}x (goal >= 5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--chats", type=int, default=64)
+    parser.add_argument("--adapters", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--classify", type=int, default=256)
+    parser.add_argument("--skip-chat", action="store_true")
+    parser.add_argument("--skip-classify", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    print(common.machine())
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_chat:
+            bench_chats(args, Path(tmp) / "chat")
+        if not args.skip_classify:
+            bench_classify(args, Path(tmp) / "classify")
+
+
+if __name__ == "__main__":
+    main()
