@@ -20,6 +20,9 @@ chats, httpx for ``/v1/classify``) in this process.
    ``predict``.
 3. Adapter-count scaling: the mixed server with 64 adapters loaded, the same
    64 chats spread over 1, 16 and 64 of them.
+4. Memory: resident memory of a MiniLM server with one classification
+   adapter, and with a classification, an NER and a QA adapter (three task
+   models over one copy of the encoder weights).
 """
 
 from __future__ import annotations
@@ -240,6 +243,36 @@ def bench_classify(args: argparse.Namespace, folder: Path) -> None:
     print(f"batched / one at a time: {speeds[64] / speeds[1]:.2f}x (goal >= 5x)")
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process, MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc")
+
+
+def bench_memory(folder: Path) -> None:
+    """Resident memory of a MiniLM server with one classification adapter, and with one adapter per task."""
+    from adapterkit.models import load_model
+
+    tasks = {"sentiment": ("classification", ["negative", "positive"]),
+             "entities": ("token-classification", ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]),
+             "answers": ("question-answering", None)}
+    for name, (task, labels) in tasks.items():
+        model, _ = load_model("minilm", task=task, **({"labels": labels} if labels else {}))
+        ak.add_adapter(model, name, ak.LoraConfig(rank=8, alpha=16, targets=["query", "value"]))
+        ak.save_adapter(model, name, folder / name)
+    rows, sizes = [], []
+    for chosen in (["sentiment"], list(tasks)):
+        flags = ["--model", "minilm", *[x for n in chosen for x in ("--adapter", f"{n}={folder / n}")]]
+        with ServerProcess(flags) as server:
+            time.sleep(1)
+            sizes.append(rss_mib(server.process.pid))
+        rows.append([", ".join(f"{n} ({tasks[n][0]})" for n in chosen), f"{sizes[-1]:.0f}"])
+    print(common.table(["adapters loaded", "server RSS MiB"], rows))
+    print(f"three task adapters / one: {sizes[1] / sizes[0]:.3f} (goal <= 1.10)\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chats", type=int, default=64)
@@ -249,6 +282,7 @@ def main() -> None:
     parser.add_argument("--skip-chat", action="store_true")
     parser.add_argument("--skip-classify", action="store_true")
     parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     print(common.machine())
@@ -257,6 +291,8 @@ def main() -> None:
             bench_chats(args, Path(tmp) / "chat")
         if not args.skip_classify:
             bench_classify(args, Path(tmp) / "classify")
+        if not args.skip_memory:
+            bench_memory(Path(tmp) / "memory")
 
 
 if __name__ == "__main__":
