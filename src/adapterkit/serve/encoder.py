@@ -217,9 +217,14 @@ class EncoderHost:
             del self._adapters[name]
 
     def adapters(self) -> dict[str, dict[str, Any]]:
-        """Every loaded adapter's description, by name, in load order."""
-        with self.lock:
-            return {name: adapter.info() for name, adapter in self._adapters.items()}
+        """Every loaded adapter's description, by name, in load order.
+
+        Like :meth:`validate` it reads a snapshot of the table without taking
+        ``self.lock``: the server calls it on its event loop (every request's
+        model check, ``/v1/models``, ``/health``), which must not wait for a
+        forward running in the batcher's thread.
+        """
+        return {name: adapter.info() for name, adapter in dict(self._adapters).items()}
 
     def _add(self, slot: TaskModel, name: str, folder: Path) -> None:
         """``core.load_adapter`` onto ``slot``, its errors as the server's."""
