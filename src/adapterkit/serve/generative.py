@@ -98,9 +98,12 @@ class GenerativeHost:
     # --- adapters ----------------------------------------------------------------------------
 
     def adapters(self) -> dict[str, dict[str, Any]]:
-        """Loaded adapters by name: ``path``, ``task``, ``method``."""
-        with self._lock:
-            return dict(self._adapters)
+        """Loaded adapters by name: ``path``, ``task``, ``method``.
+
+        Read without the lock (the event loop calls it for every request, while a load may hold the
+        lock until the engine finishes a step); an adapter enters the table only once fully loaded.
+        """
+        return dict(self._adapters)
 
     def has(self, name: str) -> bool:
         """Whether ``name`` is a loaded adapter."""
