@@ -34,19 +34,22 @@ class BodySizeLimit:
             await self._refuse(send, int(declared))
             return
         seen = 0
-        started = False
+        started = exceeded = False
 
         async def counted_receive() -> dict[str, Any]:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLargeBody
             return message
 
         async def tracked_send(message: dict[str, Any]) -> None:
             nonlocal started
+            if exceeded and not started:
+                return  # FastAPI turns the exception into a 400 ("error parsing the body"): the 413 replaces it
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
@@ -54,8 +57,9 @@ class BodySizeLimit:
         try:
             await self.app(scope, counted_receive, tracked_send)
         except _TooLargeBody:
-            if not started:
-                await self._refuse(send, seen)
+            pass
+        if exceeded and not started:
+            await self._refuse(send, seen)
 
     async def _refuse(self, send: Any, size: int) -> None:
         error = TooLarge(f"the request body has {size} bytes or more; this server accepts at most "
