@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapterkit.core.modes import evaluating
 from adapterkit.data.examples import TaskData
 from adapterkit.errors import UsageError
 from adapterkit.tasks.base import Feature, Task
@@ -65,19 +66,14 @@ def run_inference(
             f"adapter_names has {len(adapter_names)} entries for {len(data.examples)} inputs; give one per input"
         )
     outputs: list[Any] = [None] * len(features)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast(bf16):
-            for indices in inference_batches([task.length(f) for f in features], batch_size):
-                chunk = [features[i] for i in indices]
-                batch = task.collate(chunk, tokenizer)
-                with _routed(model, adapter_names, chunk):
-                    raw = task.infer(model, batch)
-                for i, out in zip(indices, raw):
-                    outputs[i] = out
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), autocast(bf16):
+        for indices in inference_batches([task.length(f) for f in features], batch_size):
+            chunk = [features[i] for i in indices]
+            batch = task.collate(chunk, tokenizer)
+            with _routed(model, adapter_names, chunk):
+                raw = task.infer(model, batch)
+            for i, out in zip(indices, raw):
+                outputs[i] = out
     return task.decode(data, features, outputs), outputs
 
 

@@ -28,6 +28,7 @@ from transformers import (
 )
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from adapterkit.core.modes import evaluating
 from adapterkit.errors import UserError
 
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -352,15 +353,11 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     kwargs = generate_kwargs(model, tokenizer, options, budget, stops)
     if options.temperature > 0 and options.seed is not None:
         torch.manual_seed(options.seed)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if can_drop_finished_rows(model):
             return _generate_dropping_finished(model, input_ids, attention_mask, kwargs, stops, budget,
                                                tokenizer.pad_token_id)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    finally:
-        model.train(was_training)
     # An encoder-decoder returns decoder ids only (from its start token, which decoding skips).
     return output if encoder_decoder else output[:, input_ids.shape[1]:]
 
