@@ -237,7 +237,7 @@ class GenerationEngine:
                     self._step()
             except Exception as err:  # an internal failure: fail the rows involved, keep serving
                 log.exception("generation step failed")
-                self._fail_all(err)
+                self._fail_all(err, admitted)
 
     @staticmethod
     def _run_control(fn: Callable[[], Any], future: Future) -> None:
@@ -376,7 +376,8 @@ class GenerationEngine:
     def _run_alone(self, request: GenerationRequest) -> None:
         """A request that cannot share the KV cache: the offline generation path, one choice at a time."""
         params = request.params
-        options = GenerationOptions(max_new_tokens=params.max_tokens, temperature=params.temperature,
+        options = GenerationOptions(max_new_tokens=params.max_tokens,
+                                    temperature=0.0 if params.greedy else params.temperature,
                                     top_p=params.top_p, stop=params.stop, seed=params.seed)
         ids = torch.tensor([request.prompt], dtype=torch.long, device=self.device)
         self.metrics.prompt_tokens.labels(self._label(request)).inc(len(request.prompt))
@@ -401,9 +402,11 @@ class GenerationEngine:
             row = _Row(request, index, text, None)
             self._finish(row, reason)
 
-    def _fail_all(self, err: Exception) -> None:
-        """After an internal error: every running request gets an error event; the batch starts afresh."""
+    def _fail_all(self, err: Exception, admitted: list[GenerationRequest]) -> None:
+        """After an internal error: every running request, and every one admitted this turn that has not
+        finished (it may not have reached the batch yet), gets an error event; the batch starts afresh."""
         failed = {id(row.request): row.request for row in self._rows}
+        failed.update((id(r), r) for r in admitted if r.finished < r.n)
         for request in failed.values():
             request.emit(ErrorEvent(APIError(f"generation failed inside the server: {err}", status=500,
                                              code="internal_error")))

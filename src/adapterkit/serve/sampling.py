@@ -14,6 +14,10 @@ from dataclasses import dataclass
 import torch
 
 
+# Temperatures below this decode greedily (as in vLLM): dividing logits by them overflows to inf.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding settings of one request (OpenAI's names)."""
@@ -27,7 +31,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         """Whether the next token is always the most likely one."""
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def row_generator(params: SamplingParams, choice: int, device: torch.device | str = "cpu") -> torch.Generator | None:
@@ -51,7 +55,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
+        drop = before >= params.top_p
+        drop[0] = False  # the most likely token stays, however small top_p (even one that is 0 in float32)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         pick = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[pick])
     return int(torch.multinomial(probs, 1, generator=generator))
