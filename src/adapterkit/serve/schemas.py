@@ -8,15 +8,34 @@ as OpenAI-compatible servers do, so newer clients keep working.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_STOPS = 16
 
 
+def _integral(value: object) -> object:
+    """1.0 is an integer to JSON Schema; strict validation takes only ``int``, so integral floats become ints."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+# Bounds come before the validator, so that they reach the JSON schema (as minimum / maximum).
+Int = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+# Not 2**63 - 1: JSON numbers are exact only up to 2**53 (RFC 7493), and validators that read them as
+# doubles cannot tell 2**63 - 1 from 2**63 + 191, so a larger bound cannot be checked the same everywhere.
+Seed = Annotated[int, Field(ge=0, le=2**53 - 1), BeforeValidator(_integral)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+Stop = NonEmpty | Annotated[list[NonEmpty], Field(max_length=MAX_STOPS)]
+TokenIds = Annotated[list[Int], Field(min_length=1)]
+Prompt = str | Annotated[list[str], Field(min_length=1)] | TokenIds | Annotated[list[TokenIds], Field(min_length=1)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: a JSON value of the wrong type (``"5"`` or ``true`` for an integer) is refused, as the schema says,
+    # not coerced.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ErrorDetail(BaseModel):
@@ -69,7 +88,7 @@ class UnloadAdapterRequest(_Request):
     """``POST /v1/unload_lora_adapter``."""
 
     lora_name: str = Field(min_length=1, max_length=200)
-    lora_int_id: int | None = None
+    lora_int_id: Int | None = None
 
 
 # --- generation --------------------------------------------------------------------------------
@@ -83,12 +102,12 @@ class StreamOptions(_Request):
 
 class _Sampling(_Request):
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInt | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = Field(default=1, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: PositiveInt = 1
+    stop: Stop | None = None
+    seed: Seed | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -105,10 +124,10 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: continue a text (or a list of texts, or token ids)."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Prompt
     echo: bool = False
-    logprobs: int | None = None
-    best_of: int | None = None
+    logprobs: Int | None = None
+    best_of: Int | None = None
     suffix: str | None = None
 
 
@@ -134,9 +153,9 @@ class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int | None = None
 
 
 class Usage(BaseModel):
