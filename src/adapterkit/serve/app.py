@@ -73,7 +73,12 @@ COMMON_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 MODEL_ERRORS = {**COMMON_ERRORS, 404: _error("Unknown model (adapter or base name)")}
 QUEUED_ERRORS = {**MODEL_ERRORS, 503: _error("Overloaded or stopping; see Retry-After")}
-STREAM = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# With stream=true: server-sent events, each a JSON chunk in ``data``, the last ``data: [DONE]``. Before
+# OpenAPI 3.2 (``itemSchema``) an event stream's ``schema`` describes one event, as clients parse it.
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "description": "A JSON chunk, or [DONE] last"},
+                            "event": {"type": "string"}}}
+STREAM = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
                 "description": "The response, or with stream=true, server-sent events ending with data: [DONE]"}}
 
 
@@ -246,6 +251,8 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
     app.state.server = server
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     auth = [Depends(_authorize(server))]
+    # The schema (/openapi.json, /docs) shows the endpoints this host serves; the others answer wrong_endpoint.
+    generative = getattr(host, "kind", None) == "generative"
 
     def error_response(request: Request, status: int, body: dict[str, Any],
                        headers: dict[str, str] | None = None) -> JSONResponse:
@@ -325,7 +332,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
     # --- generation --------------------------------------------------------------------------
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=auth, tags=["generation"],
-              responses={**STREAM, **QUEUED_ERRORS})
+              responses={**STREAM, **QUEUED_ERRORS}, include_in_schema=generative)
     async def completions(body: CompletionRequest) -> Any:
         """Continue a prompt (a text, a list of texts, or token ids); ``stream`` sends server-sent events."""
         gen = server.generative("/v1/completions")
@@ -354,7 +361,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                 "usage": _usage(prompt_tokens, completion)}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=auth,
-              tags=["generation"], responses={**STREAM, **QUEUED_ERRORS})
+              tags=["generation"], responses={**STREAM, **QUEUED_ERRORS}, include_in_schema=generative)
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         """Answer a conversation in the adapter's (or the base's) chat template."""
         gen = server.generative("/v1/chat/completions")
@@ -403,7 +410,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
         return await asyncio.wrap_future(future)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=auth, tags=["encoder"],
-              responses=QUEUED_ERRORS)
+              responses=QUEUED_ERRORS, include_in_schema=not generative)
     async def classify(body: ClassifyRequest) -> Any:
         """Label each text with a classification adapter (vLLM's ``/classify`` shape)."""
         texts = texts_of(body.input)
@@ -415,7 +422,8 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                          for i, r in enumerate(results)],
                 "usage": _usage(tokens, 0)}
 
-    @app.post("/v1/tag", response_model=TagResponse, dependencies=auth, tags=["encoder"], responses=QUEUED_ERRORS)
+    @app.post("/v1/tag", response_model=TagResponse, dependencies=auth, tags=["encoder"], responses=QUEUED_ERRORS,
+              include_in_schema=not generative)
     async def tag(body: TagRequest) -> Any:
         """Named entities of each text (type, text, character span, score) with an NER adapter."""
         texts = texts_of(body.input)
@@ -426,7 +434,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                 "usage": _usage(_count_tokens(host, texts), 0)}
 
     @app.post("/v1/answer", response_model=AnswerResponse, dependencies=auth, tags=["encoder"],
-              responses=QUEUED_ERRORS)
+              responses=QUEUED_ERRORS, include_in_schema=not generative)
     async def answer(body: AnswerRequest) -> Any:
         """The span of the context that answers the question, with an extractive QA adapter."""
         (result,) = await encode("answer", "/v1/answer", body.model, [(body.question, body.context)])
