@@ -62,6 +62,10 @@ BY_DESIGN = {
                              ("max_tokens_too_large", "max_tokens"), ("too_many_sequences", "n"),
                              ("unsupported", "presence_penalty"), ("unsupported", "frequency_penalty"),
                              ("unsupported", "logprobs")},
+    # A generative server declares the encoder routes too (one contract for every server) and refuses them.
+    "/v1/classify": {("wrong_endpoint", None), (None, "input"), ("too_many_inputs", "input")},
+    "/v1/tag": {("wrong_endpoint", None), (None, "input"), ("too_many_inputs", "input")},
+    "/v1/answer": {("wrong_endpoint", None)},
     "/v1/load_lora_adapter": {("adapter_exists", "lora_name"), ("invalid_adapter", "lora_path"),
                               ("wrong_task", "lora_path"), ("invalid_adapter_path", "lora_path")},
 }

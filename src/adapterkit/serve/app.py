@@ -251,8 +251,6 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
     app.state.server = server
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
     auth = [Depends(_authorize(server))]
-    # The schema (/openapi.json, /docs) shows the endpoints this host serves; the others answer wrong_endpoint.
-    generative = getattr(host, "kind", None) == "generative"
 
     def error_response(request: Request, status: int, body: dict[str, Any],
                        headers: dict[str, str] | None = None) -> JSONResponse:
@@ -332,7 +330,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
     # --- generation --------------------------------------------------------------------------
 
     @app.post("/v1/completions", response_model=CompletionResponse, dependencies=auth, tags=["generation"],
-              responses={**STREAM, **QUEUED_ERRORS}, include_in_schema=generative)
+              responses={**STREAM, **QUEUED_ERRORS})
     async def completions(body: CompletionRequest) -> Any:
         """Continue a prompt (a text, a list of texts, or token ids); ``stream`` sends server-sent events."""
         gen = server.generative("/v1/completions")
@@ -361,7 +359,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                 "usage": _usage(prompt_tokens, completion)}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, dependencies=auth,
-              tags=["generation"], responses={**STREAM, **QUEUED_ERRORS}, include_in_schema=generative)
+              tags=["generation"], responses={**STREAM, **QUEUED_ERRORS})
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         """Answer a conversation in the adapter's (or the base's) chat template."""
         gen = server.generative("/v1/chat/completions")
@@ -410,7 +408,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
         return await asyncio.wrap_future(future)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, dependencies=auth, tags=["encoder"],
-              responses=QUEUED_ERRORS, include_in_schema=not generative)
+              responses=QUEUED_ERRORS)
     async def classify(body: ClassifyRequest) -> Any:
         """Label each text with a classification adapter (vLLM's ``/classify`` shape)."""
         texts = texts_of(body.input)
@@ -422,8 +420,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                          for i, r in enumerate(results)],
                 "usage": _usage(tokens, 0)}
 
-    @app.post("/v1/tag", response_model=TagResponse, dependencies=auth, tags=["encoder"], responses=QUEUED_ERRORS,
-              include_in_schema=not generative)
+    @app.post("/v1/tag", response_model=TagResponse, dependencies=auth, tags=["encoder"], responses=QUEUED_ERRORS)
     async def tag(body: TagRequest) -> Any:
         """Named entities of each text (type, text, character span, score) with an NER adapter."""
         texts = texts_of(body.input)
@@ -434,7 +431,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                 "usage": _usage(_count_tokens(host, texts), 0)}
 
     @app.post("/v1/answer", response_model=AnswerResponse, dependencies=auth, tags=["encoder"],
-              responses=QUEUED_ERRORS, include_in_schema=not generative)
+              responses=QUEUED_ERRORS)
     async def answer(body: AnswerRequest) -> Any:
         """The span of the context that answers the question, with an extractive QA adapter."""
         (result,) = await encode("answer", "/v1/answer", body.model, [(body.question, body.context)])
