@@ -122,18 +122,16 @@ class Server:
         raise NotFound(f"the model {model!r} does not exist; this server has {names[:20]}"
                        f"{' ...' if len(names) > 20 else ''}", param="model", code="model_not_found")
 
-    def generative(self, endpoint: str) -> Any:
-        if self.host.kind != "generative":
-            raise BadRequest(f"{endpoint} needs a generative base model; this server runs the encoder "
-                             f"{self.host.base_name!r}: use /v1/classify, /v1/tag or /v1/answer",
-                             code="wrong_endpoint")
-        return self.host
+    # what each kind of server answers, for the message that names the right endpoints
+    ENDPOINTS = {"generative": "/v1/completions or /v1/chat/completions",
+                 "encoder": "/v1/classify, /v1/tag or /v1/answer"}
 
-    def encoder(self, endpoint: str) -> Any:
-        if self.host.kind != "encoder":
-            raise BadRequest(f"{endpoint} needs an encoder base model; this server generates with "
-                             f"{self.host.base_name!r}: use /v1/completions or /v1/chat/completions",
-                             code="wrong_endpoint")
+    def require(self, kind: str, endpoint: str) -> Any:
+        """The host, if it is of ``kind`` (``generative`` or ``encoder``); else 400 ``wrong_endpoint``."""
+        if self.host.kind != kind:
+            raise BadRequest(f"{endpoint} needs {'a generative' if kind == 'generative' else 'an encoder'} base "
+                             f"model; this server runs the {self.host.kind} model {self.host.base_name!r}: use "
+                             f"{self.ENDPOINTS[self.host.kind]}", code="wrong_endpoint")
         return self.host
 
     # --- generation ------------------------------------------------------------------------------
@@ -333,7 +331,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
               responses={**STREAM, **QUEUED_ERRORS})
     async def completions(body: CompletionRequest) -> Any:
         """Continue a prompt (a text, a list of texts, or token ids); ``stream`` sends server-sent events."""
-        gen = server.generative("/v1/completions")
+        gen = server.require("generative", "/v1/completions")
         adapter = server.adapter_of(body.model)
         for field, value, neutral in (("echo", body.echo, False), ("logprobs", body.logprobs, None),
                                       ("suffix", body.suffix, None)):
@@ -362,7 +360,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
               tags=["generation"], responses={**STREAM, **QUEUED_ERRORS})
     async def chat_completions(body: ChatCompletionRequest) -> Any:
         """Answer a conversation in the adapter's (or the base's) chat template."""
-        gen = server.generative("/v1/chat/completions")
+        gen = server.require("generative", "/v1/chat/completions")
         adapter = server.adapter_of(body.model)
         if body.logprobs or body.top_logprobs:
             raise BadRequest("logprobs are not supported by this server", param="logprobs", code="unsupported")
@@ -399,7 +397,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
         return texts
 
     async def encode(kind: str, endpoint: str, model: str, items: list[tuple]) -> list[Any]:
-        enc = server.encoder(endpoint)
+        enc = server.require("encoder", endpoint)
         adapter = server.adapter_of(model)
         if adapter is None:
             raise BadRequest(f"the base model {model!r} has no trained {kind} head; name one of the adapters "

@@ -146,11 +146,12 @@ class GenerativeHost:
         self._delete_when_unused(name)
 
     def _delete_when_unused(self, name: str) -> None:
+        """Delete ``name`` on the engine's thread at the first turn no request uses it (tried once a turn)."""
         def attempt() -> None:
             if name in self._adapters:  # loaded again meanwhile under the same name: keep it
                 return
-            if self.engine.in_use(name):
-                threading.Timer(0.05, lambda: self.engine.call(attempt)).start()
+            if self.engine.in_use(name):  # requests still run: the engine keeps turning, try again next turn
+                self.engine.call(attempt)
                 return
             delete_adapter(self.model, name)
 
