@@ -161,6 +161,38 @@ def test_route_sees_weights_changed_in_place_between_calls() -> None:
     assert_close_scaled(after[1][mask[1]], single(1, "b")[mask[1]], ops=forward_ops(model))
 
 
+def test_route_sees_an_adapter_replaced_or_moved_between_calls() -> None:
+    """The stacks behind routing follow a delete and re-add under one name, and a move to another dtype."""
+    model, inputs = build_tiny("gpt2")
+    mask = inputs["attention_mask"].bool()
+
+    def add(name: str, scale: float) -> None:
+        ak.add_adapter(model, name, ak.LoraConfig(rank=2))
+        with torch.no_grad():
+            for p in ak.adapter_parameters(model, name).values():
+                p.add_(torch.randn(p.shape) * scale)
+
+    def single(row: int, name: str) -> torch.Tensor:
+        ak.set_active(model, name)
+        return output_tensor(model, {k: v[row:row + 1] for k, v in inputs.items()})[0]
+
+    add("a", 0.3)
+    add("b", 0.3)
+    with torch.no_grad(), ak.route(model, ["a", "b"]):
+        first = output_tensor(model, inputs)
+    ak.delete_adapter(model, "b")
+    add("b", 0.6)  # same name, new weights
+    with torch.no_grad(), ak.route(model, ["a", "b"]):
+        second = output_tensor(model, inputs)
+    assert not torch.allclose(first[1][mask[1]], second[1][mask[1]])
+    assert_close_scaled(second[1][mask[1]], single(1, "b")[mask[1]], ops=forward_ops(model))
+    model.double()  # the adapter weights move to float64: the stacks must too
+    with torch.no_grad(), ak.route(model, ["a", "b"]):
+        third = output_tensor(model, inputs)
+    assert third.dtype == torch.float64
+    assert_close_scaled(third[0][mask[0]], single(0, "a")[mask[0]], ops=forward_ops(model))
+
+
 def test_adapter_added_in_eval_mode_applies_no_dropout() -> None:
     model, inputs = build_tiny("bert")
     ak.add_adapter(model, "a", ak.LoraConfig(dropout=0.5))

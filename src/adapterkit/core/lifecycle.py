@@ -144,7 +144,10 @@ def route(model: nn.Module, plans: Sequence[PlanLike]) -> Iterator[nn.Module]:
 
 def _checked(model: nn.Module, state: AdapterState, plan: Any) -> "Plan | str":
     resolved = resolve_plan(state, plan)
-    if isinstance(resolved, Route) and any(layer.merged_adapters for _, layer in adapter_layers(model)):
+    # A walk over every module costs milliseconds with many adapters: routed serving
+    # enters route() at every decoding step, so the answer is kept until adapters change.
+    if isinstance(resolved, Route) and state.derive(
+            "any_merged", lambda: any(layer.merged_adapters for _, layer in adapter_layers(model))):
         raise MergeError("route() needs unmerged adapters; call unmerge(model) first")
     return resolved
 

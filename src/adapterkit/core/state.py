@@ -39,10 +39,21 @@ class AdapterState:
     cleanups: dict[str, list[Callable[[], None]]] = field(default_factory=dict)
     # adapter name -> free-form per-method data (e.g. the prompt module's key)
     extras: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # facts derived from the adapters as they are (e.g. "is any merged?"), cleared at every change
+    derived: dict[str, Any] = field(default_factory=dict)
 
     def changed(self) -> None:
         """Record a change of the adapters that layers' cached plans depend on."""
         self.version += 1
+        self.derived.clear()
+
+    def derive(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, remembered under ``key`` until the adapters next change."""
+        try:
+            return self.derived[key]
+        except KeyError:
+            value = self.derived[key] = compute()
+            return value
 
 
 def get_state(model: nn.Module, create: bool = False) -> AdapterState:

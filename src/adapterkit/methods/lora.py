@@ -241,38 +241,22 @@ class LoraLayer(AdapterLayer):
         return result + delta.to(result.dtype)
 
     def _stacked(self, routes: tuple[str | None, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row A (batch, rank, in) and scaled B^T (batch, rank, out).
+        """Per-row A (batch, rank, in) and scaled B^T (batch, rank, out) for a routing list.
 
-        Cached while gradients are off, keyed on the routes and on the identity
-        and in-place version of every weight used, so an optimiser step or a
-        reload between calls is always seen.
+        While gradients are off, every adapter's A and B of this layer are kept
+        stacked (:class:`_RowStacks`) until the adapters change, their weights
+        are written or their scales move, and the per-row gathers are kept per
+        routing list: a decoding step that routes as the last one did costs a
+        dictionary lookup, not a pass over the adapters.
         """
-        names = [n for n in dict.fromkeys(routes) if n is not None and n in self.lora_A]
-        weights = [w for n in names for w in (self.lora_A[n].weight, self.lora_B[n].weight)]
-        key = (routes, tuple((id(w), w._version) for w in weights), tuple(self.scaling[n] for n in names))
-        cache = self.__dict__.setdefault("_route_cache", {})
-        hit = cache.get(key) if not torch.is_grad_enabled() else None  # .get: another thread may clear it
-        if hit is not None:
-            return hit
-        # Pad to the largest rank held, not the largest routed: the stacks keep one
-        # shape whatever the routing list, so a compiled graph never sees a new one.
-        rank = max(module.weight.shape[0] for module in self.lora_A.values())
-        ref = next(iter(self.lora_A.values())).weight
-        out_features, in_features = self.base_weight().shape
-        a_stack = ref.new_zeros(len(names) + 1, rank, in_features)
-        b_stack = ref.new_zeros(len(names) + 1, rank, out_features)
-        for slot, name in enumerate(names):  # ranks may differ: pad with zeros
-            r = self.lora_A[name].weight.shape[0]
-            a_stack[slot, :r] = self.lora_A[name].weight
-            b_stack[slot, :r] = (self.lora_B[name].weight * self.scaling[name]).T
-        slots = [names.index(n) if n in names else len(names) for n in routes]
-        index = torch.tensor(slots, device=device)
-        gathered = (a_stack[index], b_stack[index])
-        if not torch.is_grad_enabled():
-            if len(cache) > 8:
-                cache.clear()
-            cache[key] = gathered
-        return gathered
+        if torch.is_grad_enabled():  # training through a route: the weights move every step, keep nothing
+            names = [n for n in dict.fromkeys(routes) if n is not None and n in self._modules["lora_A"]]
+            return _RowStacks(self, names).rows(routes, device)
+        stacks = self.__dict__.get("_row_stacks")
+        if stacks is None or not stacks.current(self):
+            stacks = _RowStacks(self, list(self._modules["lora_A"].keys()))
+            self.__dict__["_row_stacks"] = stacks
+        return stacks.rows(routes, device)
 
     # --- merging --------------------------------------------------------------
     def merged_weight(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -354,6 +338,57 @@ class LoraLayer(AdapterLayer):
             update_base_tensor(core, "weight", lambda w: w + sum(
                 self.delta_weight(n).detach().to(w.dtype) * c for n, c in terms))
         return self.base_layer
+
+
+class _RowStacks:
+    """A layer's LoRA weights stacked along a new first dim, one slot per adapter plus an all-zero one.
+
+    ``rows(routes)`` gathers the slots of a routing list (base-model rows get
+    the zero slot). The stacks pad every adapter to the largest rank the layer
+    holds, so their shape does not depend on the routing list and a compiled
+    graph never sees a new one. They cost one more copy of the layer's LoRA
+    weights, the price of routing without a pass over the adapters per call.
+    """
+
+    def __init__(self, layer: LoraLayer, names: list[str]) -> None:
+        lora_a, lora_b = layer._modules["lora_A"], layer._modules["lora_B"]
+        self.version = layer.state.version
+        self.weights = [w for n in names for w in (lora_a[n].weight, lora_b[n].weight)]
+        self.marks = [(w.data_ptr(), w._version) for w in self.weights]
+        self.scales = [layer.scaling[n] for n in names]
+        self.slot = {n: i for i, n in enumerate(names)}
+        self.gathered: dict[tuple[Any, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        rank = max(module.weight.shape[0] for module in lora_a.values())
+        ref = next(iter(lora_a.values())).weight
+        out_features, in_features = layer.base_weight().shape
+        self.a = ref.new_zeros(len(names) + 1, rank, in_features)
+        self.b = ref.new_zeros(len(names) + 1, rank, out_features)
+        for slot, name in enumerate(names):  # ranks may differ: pad with zeros
+            r = lora_a[name].weight.shape[0]
+            self.a[slot, :r] = lora_a[name].weight
+            self.b[slot, :r] = (lora_b[name].weight * layer.scaling[name]).T
+
+    def current(self, layer: LoraLayer) -> bool:
+        """True while no adapter was added, removed or merged, no weight written or moved, no scale changed."""
+        return (self.version == layer.state.version
+                and self.marks == [(w.data_ptr(), w._version) for w in self.weights]
+                and self.scales == [layer.scaling[n] for n in self.slot])
+
+    def rows(self, routes: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row (A, scaled B^T) for ``routes`` (a tuple of adapter names or None), kept per routing list."""
+        key = (routes, device)
+        hit = self.gathered.get(key)
+        if hit is not None:
+            return hit
+        zero = len(self.slot)
+        index = torch.tensor([self.slot.get(n, zero) if n is not None else zero for n in routes], device=device)
+        gathered = (self.a[index], self.b[index])
+        if not torch.is_grad_enabled():
+            # one gather costs (batch x the layer's LoRA size): keep the current routing list and the last
+            if len(self.gathered) >= 2:
+                self.gathered.pop(next(iter(self.gathered)))
+            self.gathered[key] = gathered
+        return gathered
 
 
 def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str, Any]:
