@@ -154,8 +154,12 @@ async def _post_json(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
     return json.loads(answer)
 
 
-async def classify_load(url: str, jobs: list[tuple[str, str]], limit: int) -> dict:
+async def classify_load(url: str, jobs: list[tuple[str, str]], limit: int, rounds: int = 1) -> dict:
     """Send every (adapter, text) request at once from ``limit`` workers, each on its own kept-alive connection.
+
+    The connections are opened before the clock starts; then ``rounds``
+    bursts of all the jobs run one after the other, and the median burst is
+    reported (a burst of a few hundred requests takes well under a second).
 
     The workers speak HTTP/1.1 over asyncio streams directly: at a few hundred
     connections httpx's own cost per request grows (measured against a server
@@ -163,28 +167,32 @@ async def classify_load(url: str, jobs: list[tuple[str, str]], limit: int) -> di
     would cap both servers at the client's speed.
     """
     host, port = url.removeprefix("http://").split(":")
-    queue: asyncio.Queue = asyncio.Queue()
-    for index, job in enumerate(jobs):
-        queue.put_nowait((index, job))
+    connections = [await asyncio.open_connection(host, int(port)) for _ in range(min(limit, len(jobs)))]
     labels: list[str | None] = [None] * len(jobs)
     latencies: list[float] = [0.0] * len(jobs)
 
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            while not queue.empty():
-                index, (adapter, text) = queue.get_nowait()
-                started = time.perf_counter()
-                answer = await _post_json(reader, writer, f"{host}:{port}", "/v1/classify",
-                                          {"model": adapter, "input": [text]})
-                labels[index] = answer["data"][0]["label"]
-                latencies[index] = time.perf_counter() - started
-        finally:
-            writer.close()
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, queue: asyncio.Queue) -> None:
+        while not queue.empty():
+            index, (adapter, text) = queue.get_nowait()
+            started = time.perf_counter()
+            answer = await _post_json(reader, writer, f"{host}:{port}", "/v1/classify",
+                                      {"model": adapter, "input": [text]})
+            labels[index] = answer["data"][0]["label"]
+            latencies[index] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(min(limit, len(jobs))))), timeout=1800)
-    wall = time.perf_counter() - started
+    bursts = []
+    try:
+        for _ in range(rounds):
+            queue: asyncio.Queue = asyncio.Queue()
+            for index, job in enumerate(jobs):
+                queue.put_nowait((index, job))
+            started = time.perf_counter()
+            await asyncio.wait_for(asyncio.gather(*(worker(r, w, queue) for r, w in connections)), timeout=1800)
+            bursts.append((time.perf_counter() - started, list(latencies)))
+    finally:
+        for _, writer in connections:
+            writer.close()
+    wall, latencies = sorted(bursts, key=lambda b: b[0])[len(bursts) // 2]
     return {"labels": labels, "wall": wall, "requests_per_s": len(jobs) / wall,
             "p50": percentile(latencies, 0.5), "p95": percentile(latencies, 0.95)}
 
@@ -267,12 +275,12 @@ def bench_classify(args: argparse.Namespace, folder: Path) -> None:
                  *[x for n in names for x in ("--adapter", f"{n}={folder / n}")]]
         with ServerProcess(flags) as server:
             asyncio.run(classify_load(server.url, jobs[:8], 8))
-            result = asyncio.run(classify_load(server.url, jobs, args.classify))
+            result = asyncio.run(classify_load(server.url, jobs, args.classify, rounds=5))
         wrong = sum(a != b for a, b in zip(result["labels"], expected))
         speeds[batch] = result["requests_per_s"]
         rows.append([label, f"{result['wall']:.2f}", f"{result['requests_per_s']:.1f}", f"{result['p50']:.3f}",
                      f"{result['p95']:.3f}", f"{wrong}/{len(jobs)}"])
-    print(common.table(["server", "wall s", "requests/s", "p50 s", "p95 s", "differ from offline"], rows))
+    print(common.table(["server", "median burst s", "requests/s", "p50 s", "p95 s", "differ from offline"], rows))
     print(f"batched / one at a time: {speeds[64] / speeds[1]:.2f}x (goal >= 5x)")
 
 

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -36,6 +36,7 @@ from adapterkit.serve.engine import (
 )
 from adapterkit.serve.errors import APIError, BadRequest, NotFound, TooLarge, Unauthorized
 from adapterkit.serve.metrics import ServerMetrics
+from adapterkit.serve.encoder_batching import Results
 from adapterkit.serve.sampling import SamplingParams
 from adapterkit.serve.schemas import (
     MAX_STOPS,
@@ -198,8 +199,9 @@ class Server:
                 request.cancelled = True  # no effect once done; stops work nobody will read
 
 
-def _authorize(server: Server) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
+def _authorize(server: Server) -> Callable[[Request], Awaitable[None]]:
+    # async: FastAPI runs a plain ``def`` dependency on its thread pool, a thread hop per request
+    async def check(request: Request) -> None:
         key = server.config.api_key
         if key is None:
             return
@@ -396,7 +398,7 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
                            param="input", code="too_many_inputs")
         return texts
 
-    async def encode(kind: str, endpoint: str, model: str, items: list[tuple]) -> list[Any]:
+    async def encode(kind: str, endpoint: str, model: str, items: list[tuple]) -> Results:
         enc = server.require("encoder", endpoint)
         adapter = server.adapter_of(model)
         if adapter is None:
@@ -412,11 +414,10 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
         texts = texts_of(body.input)
         results = await encode("classify", "/v1/classify", body.model, [(t,) for t in texts])
         done("classify", body.model)
-        tokens = _count_tokens(host, texts)
         return {"id": request_id("classify"), "object": "list", "created": int(time.time()), "model": body.model,
                 "data": [{"index": i, "label": r["label"], "probs": r["probs"], "num_classes": len(r["probs"])}
                          for i, r in enumerate(results)],
-                "usage": _usage(tokens, 0)}
+                "usage": _usage(results.tokens, 0)}
 
     @app.post("/v1/tag", response_model=TagResponse, dependencies=auth, tags=["encoder"], responses=QUEUED_ERRORS)
     async def tag(body: TagRequest) -> Any:
@@ -426,17 +427,18 @@ def create_app(config: ServerConfig, host: Any = None, metrics: ServerMetrics | 
         done("tag", body.model)
         return {"id": request_id("tag"), "object": "list", "created": int(time.time()), "model": body.model,
                 "data": [{"index": i, "entities": entities} for i, entities in enumerate(results)],
-                "usage": _usage(_count_tokens(host, texts), 0)}
+                "usage": _usage(results.tokens, 0)}
 
     @app.post("/v1/answer", response_model=AnswerResponse, dependencies=auth, tags=["encoder"],
               responses=QUEUED_ERRORS)
     async def answer(body: AnswerRequest) -> Any:
         """The span of the context that answers the question, with an extractive QA adapter."""
-        (result,) = await encode("answer", "/v1/answer", body.model, [(body.question, body.context)])
+        results = await encode("answer", "/v1/answer", body.model, [(body.question, body.context)])
+        result = results[0]
         done("answer", body.model)
         return {"id": request_id("answer"), "object": "answer", "created": int(time.time()), "model": body.model,
                 **{k: result[k] for k in ("answer", "start", "end", "score")},
-                "usage": _usage(_count_tokens(host, [body.question, body.context]), 0)}
+                "usage": _usage(results.tokens, 0)}
 
     return app
 
@@ -454,10 +456,6 @@ def _queue_depth(host: Any) -> int:
     if host.kind == "generative":
         return host.engine.queue_depth()
     return host.batcher.queue_depth()
-
-
-def _count_tokens(host: Any, texts: list[str]) -> int:
-    return sum(len(ids) for ids in host.tokenizer(texts)["input_ids"])
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

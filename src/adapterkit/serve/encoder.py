@@ -54,6 +54,7 @@ from adapterkit.serve.encoder_batching import (
     ITEM_FIELDS,
     KIND_TASKS,
     Kind,
+    Results,
     classification_result,
     decode_rows,
     entity_result,
@@ -287,7 +288,7 @@ class EncoderHost:
 
     def classify(self, items: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
         """``(adapter, text)`` -> ``{"label", "probs", "num_classes"}``; ``probs`` in the adapter's label order."""
-        return self._run("classify", items)
+        return list(self.run("classify", items))
 
     def tag(self, items: Sequence[tuple[str, str]]) -> list[list[dict[str, Any]]]:
         """``(adapter, text)`` -> entities ``{"type", "text", "start", "end", "score"}``.
@@ -297,7 +298,7 @@ class EncoderHost:
         first sub-token; ``score`` is the mean, over the entity's words, of the
         softmax probability of the tag chosen for each word.
         """
-        return self._run("tag", items)
+        return list(self.run("tag", items))
 
     def answer(self, items: Sequence[tuple[str, str, str]]) -> list[dict[str, Any]]:
         """``(adapter, question, context)`` -> ``{"answer", "start", "end", "score"}``.
@@ -305,11 +306,17 @@ class EncoderHost:
         ``context[start:end] == answer``; ``score`` is p(start) * p(end) in the
         answer's window. No valid span gives ``{"answer": "", "start": 0, "end": 0, "score": 0.0}``.
         """
-        return self._run("answer", items)
+        return list(self.run("answer", items))
 
-    def _run(self, kind: Kind, items: Sequence[tuple]) -> list[Any]:
-        """Validate, group by task model (and input-side adapter), run each group routed, in item order."""
+    def run(self, kind: Kind, items: Sequence[tuple]) -> Results:
+        """The results of ``items`` of one kind, in item order, with the input tokens each one cost.
+
+        Validates, groups by task model (and input-side adapter) and runs each
+        group routed; ``Results.item_tokens`` counts the tokens the model read
+        per item (every window of a long one), which is what ``usage`` reports.
+        """
         results: list[Any] = [None] * len(items)
+        tokens = [0] * len(items)
         with self.lock:
             self.validate(kind, items)
             groups: dict[tuple, list[int]] = {}
@@ -319,32 +326,40 @@ class EncoderHost:
                 groups.setdefault(key, []).append(i)
             for indices in groups.values():
                 chosen = [items[i] for i in indices]
-                for i, result in zip(indices, self._run_group(kind, chosen)):
-                    results[i] = result
-        return results
+                values, counts = self._run_group(kind, chosen)
+                for i, result, count in zip(indices, values, counts):
+                    results[i], tokens[i] = result, count
+        return Results(results, item_tokens=tokens)
 
-    def _run_group(self, kind: Kind, items: Sequence[tuple]) -> list[Any]:
-        """One task model's items: a routed ``run_inference``, then each adapter's rows decoded with its labels."""
+    def _run_group(self, kind: Kind, items: Sequence[tuple]) -> tuple[list[Any], list[int]]:
+        """One task model's items: a routed ``run_inference``, then each adapter's rows decoded with its labels.
+
+        Returns the results and the tokens the model read for each item.
+        """
         adapters = [self._adapters[item[0]] for item in items]
         slot = adapters[0].slot
         task = get_task(slot.task)
         inputs = [item[1] if kind != "answer" else (item[1], item[2]) for item in items]
         data = task.from_texts(inputs, slot.labels)
         features = task.encode(data, slot.tokenizer, slot.max_length)
+        counts = [0] * len(items)
+        for feature in features:
+            counts[feature["_example"]] += len(feature["input_ids"])
         with torch.no_grad():
             predictions, outputs = run_inference(slot.model, slot.tokenizer, task, data, slot.max_length,
                                                  self.max_batch, features=features,
                                                  adapter_names=[a.name for a in adapters])
         if kind == "classify":
-            return [classification_result(logits, adapter.labels) for logits, adapter in zip(outputs, adapters)]
+            return [classification_result(logits, adapter.labels)
+                    for logits, adapter in zip(outputs, adapters)], counts
         for name in {a.name for a in adapters if a.labels != slot.labels}:
             rows = [i for i, a in enumerate(adapters) if a.name == name]
             for i, prediction in zip(rows, decode_rows(task, data, features, outputs, rows,
                                                         self._adapters[name].labels)):
                 predictions[i] = prediction
         if kind == "tag":
-            return [[entity_result(e) for e in p.entities] for p in predictions]
-        return [{"answer": p.answer, "start": p.start, "end": p.end, "score": p.score} for p in predictions]
+            return [[entity_result(e) for e in p.entities] for p in predictions], counts
+        return [{"answer": p.answer, "start": p.start, "end": p.end, "score": p.score} for p in predictions], counts
 
     # --- lookups ---------------------------------------------------------------------------
     def _lookup(self, name: str | None, param: str, loaded: dict[str, LoadedAdapter] | None = None) -> LoadedAdapter:

@@ -79,6 +79,23 @@ def decode_rows(task: Task, data: TaskData, features: Sequence[Feature], outputs
     return task.decode(sub, [{**f, "_example": local[f["_example"]]} for f, _ in picked], [o for _, o in picked])
 
 
+class Results(list):
+    """Per-item results in item order, with ``item_tokens``: the input tokens the model read for each item."""
+
+    def __init__(self, values: Sequence[Any] = (), item_tokens: Sequence[int] = ()) -> None:
+        super().__init__(values)
+        self.item_tokens = list(item_tokens)
+
+    @property
+    def tokens(self) -> int:
+        """Input tokens of all the items (a request's ``usage.prompt_tokens``)."""
+        return sum(self.item_tokens)
+
+    def part(self, start: int, stop: int) -> "Results":
+        """Items ``start:stop`` (one request's share of a joint batch)."""
+        return Results(self[start:stop], self.item_tokens[start:stop])
+
+
 # --- micro-batching ---------------------------------------------------------------------
 
 # on_batch(kind, number of items, adapter names in the batch): a metrics hook
@@ -121,7 +138,7 @@ class EncoderBatcher:
         self._thread.start()
 
     def submit(self, kind: Kind, items: Sequence[tuple]) -> Future:
-        """Queue one request; the future resolves to its results in item order.
+        """Queue one request; the future resolves to its :class:`Results` in item order.
 
         A request the host refuses (unknown adapter, wrong task, malformed
         item) gets its ``APIError`` on the future and is never batched. Raises
@@ -137,7 +154,7 @@ class EncoderBatcher:
             future.set_exception(err)
             return future
         if not items:
-            future.set_result([])
+            future.set_result(Results())
             return future
         with self._ready:
             if self._closed:
@@ -216,7 +233,7 @@ class EncoderBatcher:
     def _run_kind(self, kind: Kind, requests: list[_Request]) -> None:
         items = [item for r in requests for item in r.items]
         try:
-            results = getattr(self.host, kind)(items)
+            results = self.host.run(kind, items)
         except Exception as err:
             if len(requests) == 1:
                 requests[0].future.set_exception(err)
@@ -229,7 +246,7 @@ class EncoderBatcher:
         self._report(kind, items)
         start = 0
         for request in requests:
-            request.future.set_result(results[start:start + len(request.items)])
+            request.future.set_result(results.part(start, start + len(request.items)))
             start += len(request.items)
 
     def _report(self, kind: str, items: list[tuple]) -> None:
