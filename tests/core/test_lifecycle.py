@@ -201,3 +201,14 @@ def test_adapter_added_in_eval_mode_applies_no_dropout() -> None:
             p.add_(0.3)
     assert not model.training
     torch.testing.assert_close(output_tensor(model, inputs), output_tensor(model, inputs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [ak.BottleneckConfig(), ak.IA3Config(), ak.LoraConfig(rank=2)],
+                         ids=["bottleneck", "ia3", "lora"])
+def test_model_with_adapters_moves_and_casts_with_to(config) -> None:
+    """``model.to(...)`` reaches every adapter weight (no wrapper shadows ``nn.Module._apply``)."""
+    model, inputs = build_tiny("bert")
+    ak.add_adapter(model, "a", config)
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in ak.adapter_parameters(model, "a").values())
+    assert output_tensor(model, inputs).dtype == torch.float64

@@ -185,14 +185,14 @@ class BottleneckLayer(AdapterLayer):
         return delta * PARALLEL_SCALING if self.parallel[name] else delta
 
     # --- evaluating an effect ---------------------------------------------------
-    def _apply(self, effect: Effect, h: torch.Tensor, block_input: torch.Tensor | None) -> torch.Tensor:
+    def _apply_effect(self, effect: Effect, h: torch.Tensor, block_input: torch.Tensor | None) -> torch.Tensor:
         """The layer output after ``effect``, for base output ``h``."""
         kind = effect[0]
         if kind == "leaf":
             return h + self._delta(effect[1], block_input, h).to(h.dtype)
         if kind == "stack":
             for part in effect[1]:
-                h = self._apply(part, h, block_input)
+                h = self._apply_effect(part, h, block_input)
             return h
         if kind in ("sum", "average"):  # every part sees the same h; their changes accumulate onto it
             out = h
@@ -218,7 +218,7 @@ class BottleneckLayer(AdapterLayer):
             outputs = [self._delta(n, block_input, h) for n in effect[2]]  # each (..., out)
             fusion = self.adapter_fusion[effect[1]]
             return fusion(h.to(outputs[0].dtype), outputs)
-        return self._apply(effect, h, block_input) - h  # a stack inside a sum or average
+        return self._apply_effect(effect, h, block_input) - h  # a stack inside a sum or average
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -230,7 +230,7 @@ class BottleneckLayer(AdapterLayer):
                 return routed_sum(x, plan, lambda e, _, out: self._plan_change(e, None, out), result)
             return routed_sum(block_input, plan, self._plan_change, result)
         effect = cached_fold(self, plan, self.algebra)
-        return result if effect is None else self._apply(effect, result, block_input)
+        return result if effect is None else self._apply_effect(effect, result, block_input)
 
     def _plan_change(self, entry: "Plan | str", block_input: torch.Tensor | None,
                      out: torch.Tensor) -> torch.Tensor | None:

@@ -144,9 +144,9 @@ class IA3Layer(AdapterLayer):
                 return self._routed(x, list(plan.entries), *args, **kwargs)
             return self._routed_plans(x, plan, call)
         effect = cached_fold(self, plan, self.algebra)
-        return call(x) if effect is None else self._apply(effect, x, call)
+        return call(x) if effect is None else self._apply_effect(effect, x, call)
 
-    def _apply(self, effect: Effect, x: torch.Tensor, call: Any) -> torch.Tensor:
+    def _apply_effect(self, effect: Effect, x: torch.Tensor, call: Any) -> torch.Tensor:
         """The layer output under ``effect``; ``call`` runs the wrapped layer."""
         kind = effect[0]
         if kind == "scale":
@@ -161,9 +161,9 @@ class IA3Layer(AdapterLayer):
         if kind == "chain":
             inner = call
             for part in effect[1]:
-                inner = (lambda p, f: (lambda z: self._apply(p, z, f)))(part, inner)
+                inner = (lambda p, f: (lambda z: self._apply_effect(p, z, f)))(part, inner)
             return inner(x)
-        outputs = [(call(x) if p is None else self._apply(p, x, call)) * w for p, w in effect[1]]
+        outputs = [(call(x) if p is None else self._apply_effect(p, x, call)) * w for p, w in effect[1]]
         return sum(outputs[1:], outputs[0])
 
     def _routed_plans(self, x: torch.Tensor, route: Route, call: Any) -> torch.Tensor:
@@ -174,7 +174,7 @@ class IA3Layer(AdapterLayer):
             index = torch.tensor(rows, device=x.device)
             part_x = x.index_select(0, index)
             effect = None if entry is None else cached_fold(self, entry, self.algebra)
-            run = (lambda e, z: (lambda: call(z) if e is None else self._apply(e, z, call)))(effect, part_x)
+            run = (lambda e, z: (lambda: call(z) if e is None else self._apply_effect(e, z, call)))(effect, part_x)
             part = call_rows(route, rows, state, run)
             if out is None:
                 out = part.new_empty((x.shape[0],) + tuple(part.shape[1:]))
