@@ -5,7 +5,8 @@
 One epoch over (a seeded sample of) ``../shared/datasets/sst2/train.tsv``,
 accuracy on the full validation set (872 sentences). Wall time counts
 tokenisation and training, not evaluation. All runs use MiniLM, batch 32,
-max length 64, the same threads and float32.
+max length 64, the same threads and float32 (``--precisions`` adds bf16/fp16
+autocast runs of the adapterkit methods, trained and evaluated at that precision).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ def read_sst2(name: str, limit: int | None, seed: int) -> list[dict]:
     return rows
 
 
-def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int) -> dict:
+def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
+                   precision: str = "fp32") -> dict:
     factory, lr = METHODS[method]
     model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"])
     config = factory()
@@ -66,9 +68,9 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
     start = time.perf_counter()
     ak.train(model, tokenizer, train_data, None, ak.TrainConfig(
         epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
-        num_threads=torch.get_num_threads()))
+        num_threads=torch.get_num_threads(), precision=precision))
     seconds = time.perf_counter() - start
-    accuracy = ak.evaluate(model, tokenizer, val_data)["accuracy"]
+    accuracy = ak.evaluate(model, tokenizer, val_data, precision=precision)["accuracy"]
     size = 0
     if config is not None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16", "auto"],
+                        help="train and evaluate the adapterkit runs at each of these (autocast; default fp32)")
     args = parser.parse_args()
     print(common.machine())
     val_rows = read_sst2("validation.tsv", None, 0)
@@ -127,8 +131,10 @@ def main() -> None:
             results.setdefault("peft lora + Trainer", []).append(run_peft_trainer(train_rows, val_rows, seed))
             print("peft", results["peft lora + Trainer"][-1], flush=True)
         for method in args.methods:
-            results.setdefault(method, []).append(run_adapterkit(method, train_rows, val_rows, seed))
-            print(method, results[method][-1], flush=True)
+            for precision in args.precisions:
+                name = method if args.precisions == ["fp32"] else f"{method} {precision}"
+                results.setdefault(name, []).append(run_adapterkit(method, train_rows, val_rows, seed, precision))
+                print(name, results[name][-1], flush=True)
     full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))
     rows = []
     for name, runs in results.items():

@@ -1,11 +1,19 @@
 """Training-step throughput and peak memory: adapterkit vs PEFT vs full fine-tuning.
 
-    python bench/train_step.py [--repeats 5] [--seq 64 128] [--bf16] [--smollm]
+    python bench/train_step.py [--repeats 5] [--seq 64 128] [--precision fp32 bf16] [--gradient-checkpointing]
+                               [--smollm]
 
 For each configuration both libraries wrap the same freshly loaded model with
 the same modules (PEFT gets the exact module paths adapterkit resolved), train
 with AdamW on the same batch, and take turns; tokens/s are medians. Peak RSS
 is the median over fresh processes per (configuration, library).
+
+``--precision fp32 bf16`` measures each configuration at each precision
+(bf16: autocast on the CPU, where it has AVX512-BF16/AMX; both libraries the
+same way). ``--gradient-checkpointing`` adds rows with activation
+checkpointing on: adapterkit's ``--gradient-checkpointing`` (non-reentrant)
+against PEFT with transformers' ``gradient_checkpointing_enable`` and
+``use_reentrant=False``, the setting PEFT documents for adapters.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ def our_config(method: str, kind: str) -> ak.AdapterConfig:
     raise ValueError(method)
 
 
-def build(kind: str, method: str, library: str, batch: int, seq: int) -> tuple[torch.nn.Module, dict]:
+def build(kind: str, method: str, library: str, batch: int, seq: int,
+          checkpointing: bool = False) -> tuple[torch.nn.Module, dict]:
     """A model ready to train with ``library`` and a fixed batch."""
     torch.manual_seed(0)
     if kind == "minilm":
@@ -58,14 +67,23 @@ def build(kind: str, method: str, library: str, batch: int, seq: int) -> tuple[t
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
               "labels": labels if labels is not None else ids.clone()}
     if method == "full":
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model.train(), inputs
     config = our_config(method, kind)
     ak.add_adapter(model, "bench", config)
     if library == "adapterkit":
+        if checkpointing:
+            from adapterkit.train.memory import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         return model.train(), inputs
     # PEFT on a fresh copy of the base, told exactly which modules adapterkit wrapped
     paths = [n for n, m in model.named_modules() if isinstance(m, AdapterLayer) and m.method != "head"]
     peft_model = peft_wrap(kind, method, paths, model)
+    if checkpointing:
+        peft_model.base_model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     return peft_model.train(), inputs
 
 
@@ -96,9 +114,9 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool) -> Callable[[], No
     return step
 
 
-def worker(kind: str, method: str, library: str, batch: int, seq: int, bf16: bool) -> None:
+def worker(kind: str, method: str, library: str, batch: int, seq: int, bf16: bool, checkpointing: bool) -> None:
     """Fresh-process memory measurement: peak RSS over three training steps."""
-    model, inputs = build(kind, method, library, batch, seq)
+    model, inputs = build(kind, method, library, batch, seq, checkpointing)
     step = stepper(model, inputs, bf16)
     with common.PeakRSS() as rss:
         for _ in range(3):
@@ -110,28 +128,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seq", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--bf16", action="store_true", help="also measure bfloat16 autocast")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="precisions to measure (bf16: CPU autocast)")
+    parser.add_argument("--bf16", action="store_true", help="same as --precision fp32 bf16")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="also measure with activation checkpointing on")
     parser.add_argument("--smollm", action="store_true", help="also run SmolLM2-135M, batch 8, length 256")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-runs", type=int, default=3, help="fresh processes per library for peak RSS (median)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        kind, method, library, batch, seq, bf16 = args.worker
-        worker(kind, method, library, int(batch), int(seq), bf16 == "1")
+        kind, method, library, batch, seq, bf16, checkpointing = args.worker
+        worker(kind, method, library, int(batch), int(seq), bf16 == "1", checkpointing == "1")
         return
     torch.set_num_threads(torch.get_num_threads())
     print(common.machine())
-    precisions = [False, True] if args.bf16 else [False]
+    precisions = [p == "bf16" for p in (["fp32", "bf16"] if args.bf16 else args.precision)]
+    if any(precisions) and not common.bf16_supported():
+        print("note: this CPU has no native bf16 (avx512_bf16/amx_bf16); bf16 rows run emulated")
+    checkpointing_options = [False, True] if args.gradient_checkpointing else [False]
     jobs = [("minilm", m, 32, s) for s in args.seq for m in args.methods]
     if args.smollm:
         jobs.append(("smollm2-135m", "lora-qv", 8, 256))
     rows = []
+    settings = [(bf16, ckpt) for bf16 in precisions for ckpt in checkpointing_options]
     for kind, method, batch, seq in jobs:
-        for bf16 in precisions:
+        for bf16, ckpt in settings:
             libraries = ["full"] if method == "full" else ["adapterkit", "peft"]
-            steps = {lib: stepper(*build(kind, method, lib, batch, seq), bf16) for lib in libraries}
+            steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16) for lib in libraries}
             seconds = common.interleaved(steps, args.repeats)
             tps = {lib: batch * seq / s for lib, s in seconds.items()}
             mem = {}
@@ -140,10 +166,11 @@ def main() -> None:
                 samples: dict[str, list[float]] = {lib: [] for lib in libraries}
                 for _ in range(args.memory_runs):  # RSS moves by ~50 MiB between processes: median
                     for lib in libraries:
-                        worker_args = ["--worker", kind, method, lib, str(batch), str(seq), flag]
+                        worker_args = ["--worker", kind, method, lib, str(batch), str(seq), flag,
+                                       "1" if ckpt else "0"]
                         samples[lib].append(common.run_isolated(__file__, worker_args)["peak_rss_mib"])
                 mem = {lib: statistics.median(v) for lib, v in samples.items()}
-            label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}"
+            label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}{' ckpt' if ckpt else ''}"
             if method == "full":
                 rows.append([label, f"{tps['full']:.0f}", "-", "-", f"{mem.get('full', 0):.0f}", "-", "-"])
             else:

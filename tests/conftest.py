@@ -11,7 +11,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from tests.devices import test_device  # noqa: E402
 from tests.tiny_models import TINY_BUILDERS, build_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where models run in this session (``ADAPTERKIT_TEST_DEVICE``, default cpu)."""
+    return test_device()
 
 
 @pytest.fixture(params=sorted(TINY_BUILDERS))

@@ -76,10 +76,13 @@ TINY_BUILDERS: dict[str, Callable[[], tuple[torch.nn.Module, dict]]] = {
 
 
 def build_tiny(kind: str, seed: int = 0) -> tuple[torch.nn.Module, dict]:
-    """A seeded tiny model of family ``kind`` in eval mode, with example inputs."""
+    """A seeded tiny model of family ``kind`` in eval mode, with example inputs, on the test device."""
+    from tests.devices import test_device
+
     torch.manual_seed(seed)
     model, inputs = TINY_BUILDERS[kind]()
-    return model.eval(), inputs
+    device = test_device()
+    return model.to(device).eval(), {k: v.to(device) for k, v in inputs.items()}
 
 
 def output_tensor(model: torch.nn.Module, inputs: dict) -> torch.Tensor:

@@ -64,7 +64,9 @@ def tiny_lora_classifier(folder: Path, labels: list[str], rank: int = 4, dropout
     from adapterkit.methods import LoraConfig
     from adapterkit.models import load_model
 
-    model, tokenizer = load_model(folder, labels=labels)
+    from tests.devices import test_device
+
+    model, tokenizer = load_model(folder, labels=labels, device=str(test_device()))
     torch.manual_seed(seed)
     add_adapter(model, "toy", LoraConfig(rank=rank, alpha=2 * rank, dropout=dropout, targets=["query", "value"]))
     return model, tokenizer

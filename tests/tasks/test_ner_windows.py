@@ -20,7 +20,7 @@ from adapterkit.data import TaskData, load_data
 from adapterkit.data.tagging import entity_spans
 from adapterkit.errors import UsageError
 from adapterkit.evaluate import evaluate, predict
-from adapterkit.evaluate.runner import run_inference
+from adapterkit.runtime.inference import run_inference
 from adapterkit.models import load_model
 from adapterkit.tasks import get_task
 from adapterkit.tasks.entity_metrics import entity_metrics

@@ -11,7 +11,7 @@ import torch
 
 from adapterkit.core import add_adapter
 from adapterkit.data import load_data
-from adapterkit.evaluate.runner import run_inference
+from adapterkit.runtime.inference import run_inference
 from adapterkit.methods import LoraConfig
 from adapterkit.tasks import get_task
 from adapterkit.tasks.causal_lm import IGNORE

@@ -13,7 +13,7 @@ import adapterkit as ak
 from adapterkit.cli.main import main
 from adapterkit.data import load_data
 from adapterkit.evaluate import evaluate, predict
-from adapterkit.evaluate.runner import run_inference
+from adapterkit.runtime.inference import run_inference
 from adapterkit.models import load_model, load_with_adapter
 from adapterkit.tasks import get_task
 from adapterkit.train import TrainConfig, train

@@ -131,7 +131,7 @@ def test_run_folder_contents(folder, toy, tmp_path):
 def test_bfloat16_autocast_trains(folder, toy):
     model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
     before = _trainable(model)
-    result = train(model, tokenizer, *toy, TrainConfig(max_steps=3, batch_size=16, bf16=True, **FAST))
+    result = train(model, tokenizer, *toy, TrainConfig(max_steps=3, batch_size=16, precision="bf16", **FAST))
     after = _trainable(model)
     assert result.step == 3 and any(not torch.equal(before[n], after[n]) for n in before)
     assert all(p.dtype == torch.float32 for p in after.values())  # autocast keeps float32 weights

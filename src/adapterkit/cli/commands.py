@@ -25,6 +25,15 @@ from adapterkit.tasks import get_task, task_name_for_model
 
 # The methods a user can name: whatever the registry holds, by its shortest name.
 Method = Literal[tuple(method_choices())]  # type: ignore[valid-type]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Strategy = Literal["auto", "none", "ddp", "fsdp"]
+
+
+def _is_main_process() -> bool:
+    """False in the processes torchrun started besides rank 0 (they print nothing)."""
+    import os
+
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def train(
@@ -49,6 +58,11 @@ def train(
     seed: int | None = None,
     resume: bool = False,
     overwrite: bool = False,
+    device: str | None = None,
+    precision: Precision | None = None,
+    gradient_checkpointing: bool = False,
+    strategy: Strategy | None = None,
+    threads: int | None = None,
     json: bool = False,
 ) -> int:
     """Train an adapter (default: LoRA on minilm with rotten_tomatoes) and test it.
@@ -78,17 +92,32 @@ def train(
         seed: random seed.
         resume: continue the interrupted run in --output from its last checkpoint (same settings).
         overwrite: replace the run already in --output (kept until the new run's first checkpoint).
+        device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps; under torchrun each process
+            takes its local rank's GPU.
+        precision: fp32 (the default), bf16 or fp16 (autocast; fp16 with a gradient scaler), or auto: bf16
+            where the hardware runs it natively (docs/benchmarks.md says why it is not the default).
+        gradient_checkpointing: recompute activations in the backward (less memory, more time); any method.
+        strategy: under torchrun: ddp (the default with several processes) or fsdp (FSDP2, the frozen base
+            sharded per transformer block).
+        threads: torch threads per process (default: the cores this process may use, shared among the
+            processes torchrun started on this machine; 1 when the machine is already overloaded).
         json: print the result as JSON.
     """
+    from adapterkit.cli.threads import apply_threads
     from adapterkit.train.recipe import RunConfig, run
+
+    apply_threads(threads)
 
     run_config = RunConfig.resolve(
         config, model=model, task=task, data=data, eval_data=eval_data, test_data=test_data,
         text_column=text_column, label_column=label_column, text_pair_column=text_pair_column,
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
-        max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output, seed=seed, resume=resume or None,
-        overwrite=overwrite or None)
+        max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output,
+        seed=seed, resume=resume or None, overwrite=overwrite or None, device=device, precision=precision,
+        gradient_checkpointing=gradient_checkpointing or None, strategy=strategy)
     result = run(run_config)
+    if not _is_main_process():
+        return 0  # under torchrun the main process reports
     summary = {
         "output": result.output_dir, "adapter": result.adapter_dir,
         "steps": result.train.step, "trainable": result.trainable,
@@ -132,6 +161,9 @@ def evaluate(
     seed: int | None = None,
     no_generate: bool = False,
     compare_base: bool = False,
+    device: str = "auto",
+    precision: Precision = "fp32",
+    threads: int | None = None,
     json: bool = False,
 ) -> int:
     """Evaluate a trained adapter on labelled data (its base model comes from the adapter folder),
@@ -159,9 +191,15 @@ def evaluate(
         no_generate: causal-lm and seq2seq: score perplexity alone, without generating (no exact match, BLEU, chrF).
         compare_base: with --adapter: also evaluate its base model on the same examples with the same length,
             template and generation settings, and print both columns and the change.
+        device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
+        precision: fp32, bf16 or fp16 autocast, or auto (bf16 where the hardware runs it natively).
+        threads: torch threads (default: the cores this process may use; 1 on an overloaded machine).
         json: print all metrics as JSON, with the length, template and generation settings under "settings".
     """
     from adapterkit.cli.generation import evaluation_generation
+    from adapterkit.cli.threads import apply_threads
+
+    apply_threads(threads)
 
     chosen = {k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}
     scoring = {"batch_size": batch_size} if batch_size is not None else {}
@@ -174,15 +212,16 @@ def evaluate(
             raise UsageError("--compare-base compares an adapter with its base: give --adapter DIR/adapter")
         options = evaluation_generation(task or "classification", batch_size, **flags)
         metrics = evaluate_base_model(model, task or "classification", data, split=split, max_length=max_length,
-                                      generation=options, generate=not no_generate, **scoring, **chosen)
+                                      generation=options, generate=not no_generate, device=device,
+                                      precision=precision, **scoring, **chosen)
         print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
         return 0
-    loaded, tokenizer, metadata = load_with_adapter(adapter)
+    loaded, tokenizer, metadata = load_with_adapter(adapter, device=device)
     columns = {**metadata.get("columns", {}), **chosen}
     options = evaluation_generation(task_name_for_model(loaded), batch_size, **flags)
     metrics = evaluate_model(loaded, tokenizer, data, split=split, max_length=max_length,
                              generation=options, generate=not no_generate, compare_base=compare_base,
-                             **scoring, **columns)
+                             precision=precision, **scoring, **columns)
     if compare_base:
         print(json_lib.dumps(metrics, indent=1) if json else format_comparison(metrics))
         return 0
@@ -199,6 +238,9 @@ def predict(
     question: str | None = None,
     context: str | None = None,
     batch_size: int = 64,
+    device: str = "auto",
+    precision: Precision = "fp32",
+    threads: int | None = None,
     json: bool = False,
 ) -> int:
     """Predict with a trained adapter: one line per text (label and score); reads stdin without texts.
@@ -211,9 +253,15 @@ def predict(
         question: question answering: the question to answer from --context.
         context: question answering: the passage that holds the answer.
         batch_size: examples per forward pass.
+        device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
+        precision: fp32, bf16 or fp16 autocast, or auto (bf16 where the hardware runs it natively).
+        threads: torch threads (default: the cores this process may use; 1 on an overloaded machine).
         json: print a JSON list of predictions.
     """
-    model, tokenizer, metadata = load_with_adapter(adapter)
+    from adapterkit.cli.threads import apply_threads
+
+    apply_threads(threads)
+    model, tokenizer, metadata = load_with_adapter(adapter, device=device)
     inputs = list(texts)
     if file is not None:
         column = text_column or metadata.get("columns", {}).get("text_column", "text")
@@ -225,7 +273,7 @@ def predict(
     if not inputs and file is None:
         inputs = [line.rstrip("\n") for line in sys.stdin if line.strip()]
     predictions = predict_texts(model, tokenizer, inputs, batch_size=batch_size,
-                                max_length=metadata.get("max_length"))
+                                max_length=metadata.get("max_length"), precision=precision)
     task = get_task(metadata.get("task", "classification"))
     if json:
         print(json_lib.dumps([{"text": t, **task.to_json(p)} for t, p in zip(inputs, predictions)], indent=1))

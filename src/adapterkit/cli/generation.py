@@ -18,13 +18,14 @@ GenerativeTask = Literal["causal-lm", "seq2seq"]
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def _load(adapter: Path | None, model: str | None, task: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(adapter: Path | None, model: str | None, task: str,
+          device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if adapter is not None:
-        loaded, tokenizer, _ = load_with_adapter(adapter)
+        loaded, tokenizer, _ = load_with_adapter(adapter, device=device)
         return loaded, tokenizer
     if model is None:
         raise UsageError("give --adapter DIR/adapter, or --model NAME for the base model alone")
-    loaded, tokenizer = load_model(model, task=task)
+    loaded, tokenizer = load_model(model, task=task, device=device)
     return loaded.eval(), tokenizer
 
 
@@ -62,6 +63,7 @@ def generate(
     seed: int | None = None,
     system: str | None = None,
     raw: bool = False,
+    device: str = "auto",
     json: bool = False,
 ) -> int:
     """Generate a reply to each prompt (greedy unless --temperature); reads stdin lines without prompts.
@@ -78,9 +80,10 @@ def generate(
         seed: random seed for sampling.
         system: a system message before each prompt.
         raw: continue the prompt text as it is, without the chat template.
+        device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
         json: print a JSON list of {"prompt", "text"}.
     """
-    loaded, tokenizer = _load(adapter, model, task)
+    loaded, tokenizer = _load(adapter, model, task, device)
     texts = list(prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=(stop,) if stop else (), seed=seed)
@@ -102,6 +105,7 @@ def chat(
     stop: str | None = None,
     seed: int | None = None,
     system: str | None = None,
+    device: str = "auto",
 ) -> int:
     """Chat with a causal LM: one message per line on stdin, until end of input or /exit; /reset forgets.
 
@@ -114,8 +118,9 @@ def chat(
         stop: a string that ends a reply.
         seed: random seed for sampling.
         system: a system message that opens the conversation.
+        device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
     """
-    loaded, tokenizer = _load(adapter, model, "causal-lm")
+    loaded, tokenizer = _load(adapter, model, "causal-lm", device)
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=(stop,) if stop else (), seed=seed)
     session = ChatSession(loaded, tokenizer, options, system=system)

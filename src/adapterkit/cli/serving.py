@@ -40,7 +40,7 @@ def serve(
     max_body_bytes: int = 1 << 20,
     max_queue: int = 1024,
     batching: Literal["mixed", "same-adapter", "single"] = "mixed",
-    device: str = "cpu",
+    device: str = "auto",
     task: str | None = None,
 ) -> int:
     """Serve a base model and its adapters over HTTP with OpenAI's API (vLLM's LoRA contract) plus
@@ -60,7 +60,7 @@ def serve(
         max_body_bytes: largest request body accepted (413 beyond).
         max_queue: most requests waiting before the server answers 503 with Retry-After.
         batching: mixed (requests for any adapters share each step), same-adapter or single (for comparisons).
-        device: where the model runs (cpu, cuda, mps).
+        device: where the model runs: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
         task: the base's task when neither the adapters nor the model's config say.
     """
     import os

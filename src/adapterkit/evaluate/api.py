@@ -14,7 +14,9 @@ from adapterkit.data import TaskData, load_data
 from adapterkit.errors import UsageError
 from adapterkit.evaluate.compare import compare_with_base
 from adapterkit.evaluate.plots import plot_confusion_matrix
-from adapterkit.evaluate.runner import run_inference
+from adapterkit.runtime.device import model_device
+from adapterkit.runtime.inference import run_inference
+from adapterkit.runtime.precision import resolve_precision
 from adapterkit.tasks import chat_format, get_task, task_name_for_model
 from adapterkit.tasks.base import Task
 from adapterkit.tasks.generation import GenerationOptions, generation_settings
@@ -98,6 +100,7 @@ def evaluate(
     generation: GenerationOptions | Mapping[str, Any] | None = None,
     generate: bool = True,
     compare_base: bool = False,
+    precision: str = "fp32",
     **columns: str | None,
 ) -> dict[str, Any]:
     """Metrics of the model on labelled ``data``.
@@ -123,6 +126,8 @@ def evaluate(
             ``max_new_tokens`` from each reference's length.
         generate: causal-lm and seq2seq: ``False`` scores perplexity alone,
             generating nothing.
+        precision: ``fp32``, ``bf16``, ``fp16`` (autocast) or ``auto``
+            (``runtime.precision.AUTO_PRECISION_RULE``) on the model's device.
         **columns: column names for reading ``data`` (``text_column=...``).
 
     Returns:
@@ -142,8 +147,10 @@ def evaluate(
     length = max_length or task.default_lengths(data, tokenizer, model)["max_length"]
     report_truncation(task.truncation(data, tokenizer, length), f"evaluation data {data.source}", task.scored_units)
 
+    resolved = resolve_precision(precision, model_device(model))
+
     def run() -> dict[str, Any]:
-        predictions, outputs = run_inference(model, tokenizer, task, data, length, batch_size)
+        predictions, outputs = run_inference(model, tokenizer, task, data, length, batch_size, precision=resolved)
         scored = task.score(data, predictions, outputs)
         scored[SETTINGS_KEY] = evaluation_settings(task, tokenizer, length)
         return scored
@@ -166,16 +173,19 @@ def predict(
     batch_size: int = 64,
     max_length: int | None = None,
     adapter_names: Sequence[str | None] | None = None,
+    precision: str = "fp32",
 ) -> list[Any]:
     """One prediction per text; for classification a ``(label, score)`` named tuple.
 
     ``adapter_names`` gives one adapter per text (``None``: the base model);
     texts for different adapters still share batches (see ``adapterkit.route``).
+    Runs on the model's device; ``precision`` as for :func:`evaluate`.
     """
     task = get_task(task_name_for_model(model))
     if isinstance(texts, str):
         texts = [texts]
     data = task.from_texts(texts, model_labels(model))
     predictions, _ = run_inference(model, tokenizer, task, data, _max_length(tokenizer, max_length), batch_size,
-                                   adapter_names=adapter_names)
+                                   adapter_names=adapter_names,
+                                   precision=resolve_precision(precision, model_device(model)))
     return predictions

@@ -27,6 +27,8 @@ def evaluate_base_model(
     max_length: int | None = None,
     generation: GenerationOptions | Mapping[str, Any] | None = None,
     generate: bool = True,
+    device: str | None = None,
+    precision: str = "fp32",
     **columns: str | None,
 ) -> dict[str, Any]:
     """Metrics of ``model_name`` itself on ``data`` for ``task``, with no adapter.
@@ -35,13 +37,14 @@ def evaluate_base_model(
     it is. Tasks with a head the base model lacks (classification, NER, QA)
     get a freshly initialised head, seeded with ``HEAD_SEED``, sized from the
     data's labels: the chance-level figure an adapter starts from.
-    ``generation`` and ``generate`` are ``evaluate``'s (generative tasks only).
+    ``generation`` and ``generate`` are ``evaluate``'s (generative tasks only);
+    ``device`` is ``load_model``'s and ``precision`` ``evaluate``'s.
     """
     if not isinstance(data, TaskData):
         data = load_data(data, task=task, split=split, **columns)
     labels = data.labels if task in LABELLED_TASKS else None
     torch.manual_seed(HEAD_SEED)
-    model, tokenizer = load_model(model_name, task=task, labels=labels)
+    model, tokenizer = load_model(model_name, task=task, labels=labels, device=device)
     model.eval()
     return evaluate(model, tokenizer, data, batch_size=batch_size, max_length=max_length,
-                    generation=generation, generate=generate)
+                    generation=generation, generate=generate, precision=precision)

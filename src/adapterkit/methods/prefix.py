@@ -208,7 +208,8 @@ def _make_hooks(model: nn.Module, name: str, state: AdapterState, layout: KVLayo
         if module.training and vt.checkpointing(module):
             raise RuntimeError(
                 "prefix tuning passes its prefixes as a KV cache, which transformers drops under gradient "
-                "checkpointing; call model.gradient_checkpointing_disable() to train a prefix adapter"
+                "checkpointing; train a prefix adapter without --gradient-checkpointing "
+                "(or call model.gradient_checkpointing_disable())"
             )
         kw = vt.bind_arguments(names, args, kwargs)
         if cache_key == "cache" and "past_key_values" in kw:

@@ -105,6 +105,7 @@ def load_model(
     task: str = "classification",
     num_labels: int | None = None,
     labels: Sequence[str] | None = None,
+    device: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model with the head for ``task``, and its tokenizer.
 
@@ -113,6 +114,8 @@ def load_model(
         task: one of ``TASK_MODEL_CLASSES``.
         num_labels: size of the classification head (classification tasks).
         labels: label names; sets ``id2label``/``label2id`` and implies ``num_labels``.
+        device: where to put the model (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; under
+            ``torchrun`` ``auto`` and ``cuda`` take the local rank's GPU); ``None`` leaves it on the CPU.
 
     Returns:
         ``(model, tokenizer)``. The model records its source in
@@ -132,6 +135,11 @@ def load_model(
             path, local_files_only=True, **kwargs
         )
     ensure_pad_token(tokenizer, model)
+    if device is not None:
+        from adapterkit.runtime.device import resolve_device
+        from adapterkit.runtime.runtime import world_from_env
+
+        model.to(resolve_device(device, world_from_env()[2]))
     source = {"name": str(name_or_path), "path": str(Path(path).resolve()), "task": task}
     setattr(model, SOURCE_ATTR, source)
     log.info("loaded %s (%s) for %s", name_or_path, path, task)

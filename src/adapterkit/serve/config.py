@@ -26,7 +26,7 @@ class ServerConfig:
         max_queue: most requests waiting; beyond it the server answers 503 with ``Retry-After``.
         batching: ``mixed`` (requests of any adapters share each decoding step), ``same-adapter``
             or ``single`` (for comparisons in ``bench/serve.py``).
-        device: where the model runs (``cpu``, ``cuda``, ``mps``).
+        device: where the model runs (``auto``: CUDA when present, else ``cpu``; ``cuda``, ``cuda:N``, ``mps``).
         task: the base's task when no adapter says (``None``: found from the model's config).
     """
 
@@ -40,7 +40,7 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_queue: int = 1024
     batching: Batching = "mixed"
-    device: str = "cpu"
+    device: str = "auto"
     task: str | None = None
 
     def __post_init__(self) -> None:

@@ -16,7 +16,7 @@ same head size but other label *names* share a task model; each adapter's
 labels come from its own metadata and decode with them.
 
 Inference groups items by task model, and routes each row of a batch to its
-adapter (``adapterkit.core.route``) through ``evaluate.runner.run_inference``,
+adapter (``adapterkit.core.route``) through ``runtime.inference.run_inference``,
 which sorts by length and runs one forward per ``max_batch`` chunk. Prefix
 and prompt adapters add virtual tokens, which a routed batch cannot mix, so
 each of those gets batches of its own. Every model use, load and unload holds
@@ -45,7 +45,8 @@ from adapterkit.core import (
 from adapterkit.core import load_adapter as core_load_adapter
 from adapterkit.errors import UsageError
 from adapterkit.evaluate.api import DEFAULT_MAX_LENGTH, model_labels
-from adapterkit.evaluate.runner import run_inference
+from adapterkit.runtime.device import resolve_device
+from adapterkit.runtime.inference import run_inference
 from adapterkit.models import load_model
 from adapterkit.models.adapters import adapter_metadata, adapter_task
 from adapterkit.models.aliases import resolve_model_path
@@ -145,7 +146,7 @@ class EncoderHost:
         self.base_name = model
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)  # for usage counts
         self.batcher: Any = None  # the EncoderBatcher the server attaches; closed by close()
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.max_batch = max_batch
         self.max_length = max_length
         self.lock = threading.RLock()

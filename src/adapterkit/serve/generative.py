@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from adapterkit.runtime.device import resolve_device
 from adapterkit.core import delete_adapter, load_adapter
 from adapterkit.core.fingerprint import BaseModelMismatchError
 from adapterkit.core.registry import get_method
@@ -69,7 +70,7 @@ class GenerativeHost:
                  batching: Batching = "mixed") -> None:
         self.base_name, self.task = model, task
         self.model, self.tokenizer = load_model(model, task=task)
-        self.model.to(device).eval()
+        self.model.to(resolve_device(device)).eval()
         self.metrics = metrics or ServerMetrics()
         self._adapters: dict[str, dict[str, Any]] = {}
         self._templates: dict[str, str] = {}

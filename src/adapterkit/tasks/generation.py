@@ -30,6 +30,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 
 from adapterkit.core.modes import evaluating
 from adapterkit.errors import UserError
+from adapterkit.runtime.device import model_device
 
 DEFAULT_MAX_NEW_TOKENS = 128
 
@@ -344,6 +345,8 @@ def generate_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, inp
     """
     if row_budgets is not None and len(row_budgets) != len(input_ids):
         raise GenerationError(f"{len(row_budgets)} row budgets for {len(input_ids)} rows")
+    device = model_device(model)
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     budget = (max_new_tokens or (max(row_budgets) if row_budgets else None) or options.max_new_tokens
               or DEFAULT_MAX_NEW_TOKENS)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))

@@ -4,7 +4,9 @@ A checkpoint folder holds:
 
 - ``trainable.safetensors``: every trainable parameter (adapter + head), by name;
 - ``optimizer.pt`` / ``scheduler.pt``: their ``state_dict()``s;
-- ``rng.pt``: torch's CPU generator state;
+- ``rng.pt``: torch's CPU generator state (``rng_ranks.pt``: every process's
+  RNG states, in runs of several processes);
+- ``scaler.pt``: fp16's gradient scaler, when it runs in fp16;
 - ``best.safetensors``: the best trainable weights so far (their metrics are in ``state.json``);
 - ``state.json``: loop position (step, epoch, batch in epoch), best metric,
   evaluation history, Python and numpy RNG states, and the settings that
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,14 @@ from adapterkit.core.atomic import (  # noqa: F401
     write_text_atomically,
 )
 from adapterkit.errors import ResumeError
+from adapterkit.runtime.distributed import copy_whole
 from adapterkit.train.fingerprint import check_same_run
 
 STATE_FILE = "state.json"
 WEIGHTS_FILE = "trainable.safetensors"
 BEST_WEIGHTS_FILE = "best.safetensors"
+RNG_RANKS_FILE = "rng_ranks.pt"
+SCALER_FILE = "scaler.pt"
 
 
 @dataclass
@@ -74,11 +79,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable parameters."""
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy saved trainable parameters back; the names must match exactly."""
     own = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -89,9 +89,8 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
             f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same "
             "model, method and adapter settings"
         )
-    with torch.no_grad():
-        for name, param in own.items():
-            param.copy_(tensors[name])
+    for name, param in own.items():
+        copy_whole(param, tensors[name])
 
 
 def write_atomically(final: Path, files: dict[str, Any]) -> None:
@@ -111,35 +110,48 @@ def write_atomically(final: Path, files: dict[str, Any]) -> None:
                 torch.save(content, path)
 
 
+@dataclass
+class CheckpointData:
+    """What one checkpoint holds, read into memory (rank 0 reads it; the others get it over the group)."""
+
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    loop: dict[str, Any]
+    rng: dict[str, Any]
+    rng_ranks: list[dict[str, Any]] | None = None  # every rank's RNGs, for runs of several processes
+    scaler: dict[str, Any] | None = None  # fp16's gradient scaler
+    best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None
+
+
 def save_checkpoint(
     folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    state: LoopState,
-    rng: dict[str, Any],
+    data: CheckpointData,
     fingerprint: dict[str, Any],
-    best: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> None:
     """Everything needed to continue the run, written atomically to ``folder``.
 
-    ``best``: the best weights so far and their metrics. They are kept in this
-    folder too, so that a resume never pairs a loop position with a best
+    ``data.best``: the best weights so far and their metrics. They are kept in
+    this folder too, so that a resume never pairs a loop position with a best
     checkpoint written after it.
     """
     files: dict[str, Any] = {
-        WEIGHTS_FILE: trainable_state(model),
-        "optimizer.pt": optimizer.state_dict(),
-        "scheduler.pt": scheduler.state_dict(),
-        "rng.pt": rng["torch"],
+        WEIGHTS_FILE: data.weights,
+        "optimizer.pt": data.optimizer,
+        "scheduler.pt": data.scheduler,
+        "rng.pt": data.rng["torch"],
     }
-    if best is not None:
-        files[BEST_WEIGHTS_FILE] = best[0]
+    if data.rng_ranks is not None:
+        files[RNG_RANKS_FILE] = data.rng_ranks
+    if data.scaler is not None:
+        files[SCALER_FILE] = data.scaler
+    if data.best is not None:
+        files[BEST_WEIGHTS_FILE] = data.best[0]
     files[STATE_FILE] = {
-        "loop": asdict(state),
-        "rng": {"python": rng["python"], "numpy": rng["numpy"]},
+        "loop": data.loop,
+        "rng": {"python": data.rng["python"], "numpy": data.rng["numpy"]},
         "fingerprint": fingerprint,
-        "best_metrics": best[1] if best is not None else None,
+        "best_metrics": data.best[1] if data.best is not None else None,
     }
     write_atomically(folder, files)
 
@@ -167,22 +179,26 @@ def read_best(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | 
     return load_file(str(folder / BEST_WEIGHTS_FILE)), metrics
 
 
-def load_checkpoint(
-    folder: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    fingerprint: dict[str, Any],
-) -> LoopState:
-    """Restore weights, optimizer, scheduler and RNGs; return the loop position.
+def read_checkpoint(folder: Path, fingerprint: dict[str, Any]) -> CheckpointData:
+    """The checkpoint in ``folder``, after checking that it belongs to the same run.
 
     Raises:
         ResumeError: the run's settings differ from the checkpoint's (each listed).
     """
     meta = json.loads((folder / STATE_FILE).read_text())
     check_same_run(meta.get("fingerprint") or {}, fingerprint, str(folder.parent.parent))
-    load_trainable_state(model, load_file(str(folder / WEIGHTS_FILE)), str(folder))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    set_rng_state({**meta["rng"], "torch": torch.load(folder / "rng.pt", weights_only=True)})
-    return LoopState(**meta["loop"])
+
+    def optional(name: str) -> Any:
+        path = folder / name
+        return torch.load(path, weights_only=True) if path.is_file() else None
+
+    return CheckpointData(
+        weights=load_file(str(folder / WEIGHTS_FILE)),
+        optimizer=torch.load(folder / "optimizer.pt", weights_only=True),
+        scheduler=torch.load(folder / "scheduler.pt", weights_only=True),
+        loop=meta["loop"],
+        rng={**meta["rng"], "torch": torch.load(folder / "rng.pt", weights_only=True)},
+        rng_ranks=optional(RNG_RANKS_FILE),
+        scaler=optional(SCALER_FILE),
+        best=read_best(folder),
+    )

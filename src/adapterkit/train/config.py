@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapterkit.errors import UserError
+from adapterkit.runtime.device import DEVICE_CHOICES
+from adapterkit.runtime.precision import PRECISION_CHOICES
+from adapterkit.runtime.runtime import STRATEGY_CHOICES
 
 SchedulerName = Literal["linear", "cosine", "constant"]
 SCHEDULERS = ("linear", "cosine", "constant")
@@ -83,8 +86,21 @@ class TrainConfig:
         load_best: end with the best checkpoint's weights rather than the last.
         seed: seeds Python, numpy and torch, and the data order.
         group_by_length: batch examples of similar length (less padding).
-        bf16: run forward passes under bfloat16 autocast on the CPU.
-        num_threads: torch intra-op threads (``None``: the CPU cores available).
+        device: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``,
+            ``cuda:N`` or ``mps``; under ``torchrun`` each process takes the
+            GPU of its local rank.
+        precision: ``fp32`` (the default: see ``runtime/precision.py`` for
+            the measurement that kept it); ``bf16`` or ``fp16`` autocast of
+            the forward (fp16 with a gradient scaler); ``auto``: bf16 where the
+            hardware runs it natively, else fp32.
+        gradient_checkpointing: recompute each block's activations in the
+            backward instead of keeping them (less memory, ~30% more time);
+            works with every method.
+        strategy: ``auto`` (DDP under ``torchrun`` with several processes,
+            else one process), ``none``, ``ddp``, or ``fsdp`` (FSDP2: the
+            frozen base sharded per transformer block).
+        num_threads: torch intra-op threads (``None``: leave torch's setting;
+            the CLI sets one per core it may use).
         log_every: log the training loss every N optimizer steps.
         progress: show a progress bar.
         resume: continue from the run folder's last checkpoint.
@@ -114,7 +130,10 @@ class TrainConfig:
     load_best: bool = True
     seed: int = 42
     group_by_length: bool = True
-    bf16: bool = False
+    device: str = "auto"
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    strategy: str = "auto"
     num_threads: int | None = None
     log_every: int = 10
     progress: bool = True
@@ -140,6 +159,13 @@ class TrainConfig:
         if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool)
                                               or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise TrainConfigError(f"{_label('warmup_steps')} must be an integer >= 0, got {self.warmup_steps!r}")
+        for name, choices in (("precision", PRECISION_CHOICES), ("strategy", STRATEGY_CHOICES)):
+            if getattr(self, name) not in choices:
+                raise TrainConfigError(f"{_label(name)} must be one of {list(choices)}, got {getattr(self, name)!r}")
+        kind = self.device.split(":")[0] if isinstance(self.device, str) else None
+        if kind not in DEVICE_CHOICES or (kind != self.device and (kind != "cuda" or not self.device[5:].isdigit())):
+            raise TrainConfigError(f"{_label('device')} must be one of {list(DEVICE_CHOICES)} or cuda:N, "
+                                   f"got {self.device!r}")
         if self.resume and self.output_dir is None:
             raise TrainConfigError("TrainConfig.resume needs output_dir: the run folder to resume from")
         if self.resume and self.overwrite:
@@ -154,10 +180,21 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """Build from plain data, rejecting unknown keys with the known ones listed."""
         known = {f.name for f in dataclasses.fields(cls)}
+        data = legacy_options(data)
         unknown = sorted(set(data) - known)
         if unknown:
             raise TrainConfigError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def legacy_options(data: dict[str, Any]) -> dict[str, Any]:
+    """Options as earlier versions wrote them, in today's names (``bf16: true`` is ``precision: bf16``)."""
+    if "bf16" not in data:
+        return data
+    data = dict(data)
+    bf16 = data.pop("bf16")
+    data.setdefault("precision", "bf16" if bf16 else "fp32")
+    return data
 
 
 def resolve_defaults(config: TrainConfig, method_lr: float, task_lengths: dict[str, int]) -> TrainConfig:

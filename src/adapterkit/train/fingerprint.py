@@ -18,12 +18,17 @@ from typing import Any
 import torch.nn as nn
 
 from adapterkit.errors import ResumeError
+from adapterkit.runtime.runtime import Runtime
 from adapterkit.train.config import TrainConfig
 
 # TrainConfig fields a resume may change: evaluation and logging frequency,
-# evaluation batch size, threads, progress display and the folder flags.
+# evaluation batch size, threads, progress display, the folder flags, the
+# device (a run may move to a GPU) and gradient checkpointing (it recomputes
+# the same activations). The precision is recorded as resolved, with the
+# world size, under "runtime".
 RESUMABLE_CHANGES = frozenset({"output_dir", "eval_every", "eval_batch_size", "log_every", "progress",
-                               "num_threads", "resume", "overwrite"})
+                               "num_threads", "resume", "overwrite", "device", "gradient_checkpointing",
+                               "precision"})
 
 
 def features_hash(features: Sequence[dict[str, Any]]) -> str:
@@ -35,8 +40,14 @@ def features_hash(features: Sequence[dict[str, Any]]) -> str:
 
 
 def run_fingerprint(model: nn.Module, task: str, config: TrainConfig, features: Sequence[dict[str, Any]],
-                    eval_features: Sequence[dict[str, Any]] | None) -> dict[str, Any]:
-    """Plain data naming everything the training loop's result depends on."""
+                    eval_features: Sequence[dict[str, Any]] | None,
+                    runtime: Runtime | None = None) -> dict[str, Any]:
+    """Plain data naming everything the training loop's result depends on.
+
+    ``runtime``: the resolved precision and the world size (which with the
+    batch settings makes the global batch) are part of it.
+    """
+    runtime = runtime or Runtime()
     from adapterkit.core import active_adapters, get_adapter_config
     from adapterkit.core.fingerprint import model_summary
 
@@ -49,6 +60,7 @@ def run_fingerprint(model: nn.Module, task: str, config: TrainConfig, features: 
         "eval_data": None if eval_features is None else {
             "examples": len(eval_features), "hash": features_hash(eval_features)},
         "trainable": {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad},
+        "runtime": {"precision": runtime.precision, "world_size": runtime.world_size},
     }
     return json.loads(json.dumps(fingerprint, default=str))  # as it reads back from state.json
 
@@ -71,6 +83,7 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     when the adapters already differ.
     """
     lines: list[str] = []
+    old = _current_names(old)
     old_adapters, new_adapters = old.get("adapters") or {}, new.get("adapters") or {}
     for name in sorted(set(old_adapters) | set(new_adapters)):
         a, b = old_adapters.get(name), new_adapters.get(name)
@@ -91,6 +104,17 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if flat_old.get(key, "(not recorded)") != flat_new.get(key, "(not recorded)"):
             lines.append(f"{key}: {flat_old.get(key, '(not recorded)')!r} -> {flat_new.get(key, '(not recorded)')!r}")
     return lines
+
+
+def _current_names(fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """A fingerprint saved by an earlier version, in today's names (``train.bf16`` became ``runtime.precision``)."""
+    train = fingerprint.get("train")
+    if not isinstance(train, dict) or "bf16" not in train:
+        return fingerprint
+    train = dict(train)
+    bf16 = train.pop("bf16")
+    runtime = {"precision": "bf16" if bf16 else "fp32", "world_size": 1, **(fingerprint.get("runtime") or {})}
+    return {**fingerprint, "train": train, "runtime": runtime}
 
 
 def check_same_run(old: dict[str, Any], new: dict[str, Any], where: str) -> None:

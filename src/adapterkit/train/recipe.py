@@ -24,6 +24,8 @@ from adapterkit.data import TaskData, holdout, load_data
 from adapterkit.data.builtin import BUILTIN_DATASETS
 from adapterkit.evaluate import evaluate
 from adapterkit.models import load_model
+from adapterkit.runtime.distributed import whole_parameters
+from adapterkit.runtime.runtime import resolve_runtime
 from adapterkit.train.config import TrainConfig, TrainConfigError, resolve_defaults
 from adapterkit.train.fingerprint import RESUMABLE_CHANGES, check_same_run
 from adapterkit.train.loop import resolve_train_config, seed_everything, train
@@ -238,8 +240,11 @@ def run(config: RunConfig) -> RunResult:
     output_dir = _output_dir(config)
     config = dataclasses.replace(config, output=output_dir)
     train_config = config.train_config(output_dir)
-    folder = RunFolder.prepare(output_dir, resume=train_config.resume, overwrite=train_config.overwrite)
-    if folder.resume:
+    runtime = resolve_runtime(train_config.device, train_config.precision, train_config.strategy)
+    # only the main process prepares and writes the folder; the others read nothing from it
+    folder = (RunFolder.prepare(output_dir, resume=train_config.resume, overwrite=train_config.overwrite)
+              if runtime.is_main else None)
+    if folder is not None and folder.resume:
         _check_resume(config, folder)
     adapter_config = config.adapter_config()
     try:
@@ -252,19 +257,25 @@ def run(config: RunConfig) -> RunResult:
         train_config = resolve_train_config(model, tokenizer, train_data, train_config)
         trainable = trainable_summary(model)
         resolved = {**config.to_dict(), "adapter": adapter_config.to_dict(), "train": train_config.to_dict()}
-        write_text_atomically(folder.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        if folder is not None:
+            write_text_atomically(folder.path / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
     except BaseException:
-        folder.discard()
+        if folder is not None:
+            folder.discard()
         raise
 
-    result = train(model, tokenizer, train_data, eval_data, train_config, run_folder=folder)
+    result = train(model, tokenizer, train_data, eval_data, train_config, run_folder=folder, runtime=runtime)
     test_metrics: dict[str, Any] = {}
-    if test_data is not None:
+    # Under DDP the main process tests alone; under FSDP every forward is a collective, so all take part.
+    if test_data is not None and (runtime.is_main or runtime.strategy == "fsdp"):
         test_metrics = evaluate(model, tokenizer, test_data, max_length=train_config.max_length,
-                                batch_size=train_config.eval_batch_size,
-                                output_dir=folder.path / "test")
-        result.adapter_dir = save_run_adapter(
-            model, folder.path / "adapter", train_data, train_config, result,
-            extra={"metrics": {"test": scalar_metrics(test_metrics)}})
-    return RunResult(str(folder.final), result.adapter_dir, result, test_metrics, trainable,
+                                batch_size=train_config.eval_batch_size, precision=runtime.precision,
+                                output_dir=folder.path / "test" if folder is not None else None)
+        with whole_parameters(model):
+            if folder is not None:
+                result.adapter_dir = save_run_adapter(
+                    model, folder.path / "adapter", train_data, train_config, result,
+                    extra={"metrics": {"test": scalar_metrics(test_metrics)}})
+    final = str(folder.final) if folder is not None else output_dir
+    return RunResult(final, result.adapter_dir, result, test_metrics, trainable,
                      time.perf_counter() - started)

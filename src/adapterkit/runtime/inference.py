@@ -1,7 +1,8 @@
-"""Run a task's inference over a data set in length-sorted batches.
+"""Run a task's inference over a data set in length-sorted batches, on the model's device.
 
-Shared by ``evaluate``/``predict`` and by the training loop's periodic
-evaluation; the model's train/eval mode is restored afterwards.
+Shared by ``evaluate``/``predict``, the training loop's periodic evaluation
+and the encoder server; it sits below all of them. The model's train/eval
+mode is restored afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.core.modes import evaluating
 from adapterkit.data.examples import TaskData
 from adapterkit.errors import UsageError
+from adapterkit.runtime.device import model_device, move_batch
+from adapterkit.runtime.precision import autocast
 from adapterkit.tasks.base import Feature, Task
 
 
@@ -26,21 +29,31 @@ def inference_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]
     return [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bfloat16 instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            flags = next((line for line in info if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+def infer_outputs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    features: Sequence[Feature],
+    batch_size: int = 64,
+    precision: str = "fp32",
+    adapter_names: Sequence[str | None] | None = None,
+) -> list[Any]:
+    """The task's raw output for each feature (in feature order), batches on the model's device.
 
-
-def autocast(bf16: bool) -> contextlib.AbstractContextManager:
-    """bfloat16 autocast on the CPU when asked for, else nothing."""
-    if bf16:
-        return torch.autocast(device_type="cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    ``precision``: ``fp32``, ``bf16`` or ``fp16`` autocast. ``adapter_names``:
+    one per *example* (``feature["_example"]``), each batch routed accordingly.
+    """
+    device = model_device(model)
+    outputs: list[Any] = [None] * len(features)
+    with evaluating(model), torch.no_grad(), autocast(precision, device):
+        for indices in inference_batches([task.length(f) for f in features], batch_size):
+            chunk = [features[i] for i in indices]
+            batch = move_batch(task.collate(chunk, tokenizer), device)
+            with _routed(model, adapter_names, chunk):
+                raw = task.infer(model, batch)
+            for i, out in zip(indices, raw):
+                outputs[i] = out
+    return outputs
 
 
 def run_inference(
@@ -51,7 +64,7 @@ def run_inference(
     max_length: int,
     batch_size: int = 64,
     features: list[Feature] | None = None,
-    bf16: bool = False,
+    precision: str = "fp32",
     adapter_names: Sequence[str | None] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """``(predictions per example, raw outputs per feature)`` for ``data``.
@@ -65,15 +78,7 @@ def run_inference(
         raise UsageError(
             f"adapter_names has {len(adapter_names)} entries for {len(data.examples)} inputs; give one per input"
         )
-    outputs: list[Any] = [None] * len(features)
-    with evaluating(model), torch.no_grad(), autocast(bf16):
-        for indices in inference_batches([task.length(f) for f in features], batch_size):
-            chunk = [features[i] for i in indices]
-            batch = task.collate(chunk, tokenizer)
-            with _routed(model, adapter_names, chunk):
-                raw = task.infer(model, batch)
-            for i, out in zip(indices, raw):
-                outputs[i] = out
+    outputs = infer_outputs(model, tokenizer, task, features, batch_size, precision, adapter_names)
     return task.decode(data, features, outputs), outputs
 
 
