@@ -135,3 +135,30 @@ def test_bfloat16_autocast_trains(folder, toy):
     after = _trainable(model)
     assert result.step == 3 and any(not torch.equal(before[n], after[n]) for n in before)
     assert all(p.dtype == torch.float32 for p in after.values())  # autocast keeps float32 weights
+
+
+def test_float16_autocast_trains_with_a_gradient_scaler_and_checkpoints_it(folder, toy, tmp_path):
+    model, tokenizer = tiny_lora_classifier(folder, toy[0].labels)
+    before = _trainable(model)
+    run = tmp_path / "fp16"
+    result = train(model, tokenizer, *toy, TrainConfig(max_steps=3, batch_size=16, precision="fp16",
+                                                       output_dir=str(run), **FAST))
+    after = _trainable(model)
+    assert result.step == 3 and any(not torch.equal(before[n], after[n]) for n in before)
+    assert all(p.dtype == torch.float32 for p in after.values())
+    scaler = torch.load(run / "checkpoints" / "last" / "scaler.pt", weights_only=True)
+    assert scaler["scale"] > 0  # the loss scale the run would resume with
+
+
+def test_unknown_precision_device_or_strategy_is_refused_with_the_choices():
+    from adapterkit.train import TrainConfigError
+
+    for field, value, expected in (("precision", "fp8", "fp32"), ("strategy", "horovod", "fsdp"),
+                                   ("device", "tpu", "cuda:N")):
+        with pytest.raises(TrainConfigError, match=expected):
+            TrainConfig(**{field: value})
+
+
+def test_config_files_with_the_old_bf16_flag_still_read():
+    assert TrainConfig.from_dict({"bf16": True}).precision == "bf16"
+    assert TrainConfig.from_dict({"bf16": False}).precision == "fp32"
