@@ -28,12 +28,7 @@ def _gradients(case: str, kind: str, checkpointing: bool) -> dict[str, torch.Ten
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
 
-# Prefix tuning hands its prefixes to the model as a KV cache, which transformers' checkpointed
-# blocks drop (and a cache would grow again when a block is recomputed): refused, with a message.
-CHECKPOINTABLE = [(case, kind) for case, kind in PARAMS if not case.startswith("prefix")]
-
-
-@pytest.mark.parametrize(("case", "kind"), CHECKPOINTABLE)
+@pytest.mark.parametrize(("case", "kind"), PARAMS)
 def test_checkpointed_gradients_equal_plain_ones(case: str, kind: str) -> None:
     plain = _gradients(case, kind, checkpointing=False)
     checkpointed = _gradients(case, kind, checkpointing=True)
@@ -44,14 +39,56 @@ def test_checkpointed_gradients_equal_plain_ones(case: str, kind: str) -> None:
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6 * max(1.0, float(grad.abs().max())))
 
 
-def test_prefix_tuning_under_checkpointing_says_why_it_cannot() -> None:
-    with pytest.raises(RuntimeError, match="gradient checkpointing"):
-        _gradients("prefix", "gpt2", checkpointing=True)
+def test_prefix_tuning_under_transformers_own_checkpointing_says_why_it_cannot() -> None:
+    """transformers' checkpointed layers drop the KV cache that carries the prefixes: refused, with the fix."""
+    model, inputs = build_tiny("gpt2")
+    ak.add_adapter(model, "a", CASES["prefix"][0]())
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    with pytest.raises(RuntimeError, match="--gradient-checkpointing"):
+        model(**inputs)
+
+
+def test_checkpointing_twice_changes_nothing() -> None:
+    twice = _gradients("lora", "llama", checkpointing=True)
+    model, inputs = build_tiny("llama")
+    ak.add_adapter(model, "a", CASES["lora"][0]())
+    perturb(model, "a")
+    enable_gradient_checkpointing(model)
+    enable_gradient_checkpointing(model)
+    model.train()
+    torch.manual_seed(1)
+    model(**inputs).logits.float().pow(2).mean().backward()
+    for name, param in model.named_parameters():
+        if name in twice:
+            torch.testing.assert_close(param.grad, twice[name], rtol=0, atol=0)
 
 
 def test_checkpointing_is_refused_where_the_architecture_has_none() -> None:
-    class Plain(torch.nn.Module):
-        supports_gradient_checkpointing = False
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ak.errors.UsageError, match="no transformer blocks"):
+        enable_gradient_checkpointing(plain)
 
-    with pytest.raises(ak.errors.UsageError, match="does not support gradient checkpointing"):
-        enable_gradient_checkpointing(Plain())
+
+@pytest.mark.parametrize(("case", "kind"), [("lora", "bert"), ("prefix", "gpt2"), ("prefix", "t5"),
+                                            ("prompt", "llama"), ("bottleneck", "bart")])
+def test_blocks_are_really_recomputed_in_the_backward(case: str, kind: str) -> None:
+    """Each checkpointed block runs twice per training step (forward, then again in the backward)."""
+    from adapterkit.train.memory import checkpointed_blocks
+
+    counts = []
+    for checkpointing in (False, True):
+        model, inputs = build_tiny(kind)
+        ak.add_adapter(model, "a", CASES[case][0]())
+        blocks = checkpointed_blocks(model)
+        if checkpointing:
+            enable_gradient_checkpointing(model)
+        calls = [0]
+        # a module with weights of its own inside the last block (the first may hold nothing to train)
+        inner = next(m for m in blocks[-1].modules()
+                     if m is not blocks[-1] and next(m.parameters(recurse=False), None) is not None)
+        inner.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        model.train()
+        model(**inputs).logits.float().pow(2).mean().backward()
+        counts.append(calls[0])
+    assert counts[1] == 2 * counts[0] > 0

@@ -207,9 +207,10 @@ def _make_hooks(model: nn.Module, name: str, state: AdapterState, layout: KVLayo
             return None
         if module.training and vt.checkpointing(module):
             raise RuntimeError(
-                "prefix tuning passes its prefixes as a KV cache, which transformers drops under gradient "
-                "checkpointing; train a prefix adapter without --gradient-checkpointing "
-                "(or call model.gradient_checkpointing_disable())"
+                "prefix tuning passes its prefixes as a KV cache, which transformers' own gradient "
+                "checkpointing drops; call model.gradient_checkpointing_disable() and use adapterkit's "
+                "(--gradient-checkpointing, or adapterkit.train.memory.enable_gradient_checkpointing), "
+                "which keeps the cache"
             )
         kw = vt.bind_arguments(names, args, kwargs)
         if cache_key == "cache" and "past_key_values" in kw:

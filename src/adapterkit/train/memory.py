@@ -1,35 +1,117 @@
-"""Gradient checkpointing that works with every adapter method.
+"""Gradient (activation) checkpointing that works with every adapter method, prefix tuning included.
 
-Activations of each transformer block are recomputed in the backward
-instead of kept. The reentrant flavour of ``torch.utils.checkpoint`` (the
-transformers default for years) only backpropagates through a block when one
-of its *inputs* requires a gradient; with a frozen embedding no input does,
-so an adapter inside the blocks silently gets no gradient (PEFT issues #137
-and #1142; PEFT's answer is ``enable_input_require_grads``). The
-non-reentrant flavour has no such condition, so it is the one used here,
-and it also works with prompt/prefix tokens and nested adapter wrappers.
+Each transformer block's activations are recomputed in the backward instead
+of kept. Two traps of the usual route are avoided:
+
+- The reentrant flavour of ``torch.utils.checkpoint`` (the transformers
+  default for years) backpropagates through a block only when one of its
+  *inputs* requires a gradient; with a frozen embedding none does, so the
+  adapters inside get no gradient (PEFT issues #137 and #1142). The
+  non-reentrant flavour used here has no such condition.
+- transformers' own checkpointed layers drop the KV cache they are given,
+  which is how prefix tuning hands its prefixes to the model. The blocks are
+  therefore checkpointed here, around their ``forward``, with transformers'
+  flag left off, and any cache a block receives is put back as it was when
+  the block first ran before the block is recomputed: the recomputation then
+  appends to (and reads) exactly what the first pass did.
 """
 
 from __future__ import annotations
 
-from transformers import PreTrainedModel
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from adapterkit.errors import UsageError
 
+MARK = "_adapterkit_checkpointed"
 
-def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
-    """Recompute each block's activations in the backward (non-reentrant), for any adapter method.
+
+def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
+    """The outermost transformer blocks: transformers' ``GradientCheckpointingLayer`` modules,
+    else the classes named in the model's ``_no_split_modules``."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers
+        GradientCheckpointingLayer = ()  # type: ignore[assignment]  # noqa: N806
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    found: list[nn.Module] = []
+    inside: set[int] = set()
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if (GradientCheckpointingLayer and isinstance(module, GradientCheckpointingLayer)) \
+                or type(module).__name__ in names:
+            found.append(module)
+            inside.update(id(m) for m in module.modules())
+    return found
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute every transformer block's activations in the backward (non-reentrant), for any method.
+
+    Applies in training mode with gradients on; evaluation and generation run
+    the blocks as they are. Calling it twice changes nothing.
 
     Raises:
-        UsageError: the model's architecture does not support checkpointing.
+        UsageError: no transformer blocks were found to checkpoint.
     """
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        raise UsageError(f"{type(model).__name__} does not support gradient checkpointing; "
-                         "train without --gradient-checkpointing")
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers' newer name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if getattr(model.config, "use_cache", None):
-        model.config.use_cache = False  # a KV cache is pointless in training and clashes with recomputation
+    blocks = checkpointed_blocks(model)
+    if not blocks:
+        raise UsageError(f"{type(model).__name__} has no transformer blocks adapterkit can checkpoint "
+                         "(no GradientCheckpointingLayer or _no_split_modules); train without "
+                         "--gradient-checkpointing")
+    for block in blocks:
+        if not block.__dict__.get(MARK):
+            block.forward = functools.partial(_checkpointed_forward, block, block.forward)
+            block.__dict__[MARK] = True
+
+
+def _checkpointed_forward(block: nn.Module, forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if not (block.training and torch.is_grad_enabled()):
+        return forward(*args, **kwargs)
+    caches = [v for v in (*args, *kwargs.values()) if _is_cache(v)]
+    states = [_cache_state(c) for c in caches]
+
+    def run(*inner_args: Any, **inner_kwargs: Any) -> Any:
+        for cache, state in zip(caches, states):  # a no-op the first time; the recomputation starts clean
+            _restore_cache(cache, state)
+        return forward(*inner_args, **inner_kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _is_cache(value: Any) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:
+        return False
+    return isinstance(value, Cache)
+
+
+def _cache_parts(cache: Any) -> list[Any]:
+    parts = [getattr(cache, name) for name in ("self_attention_cache", "cross_attention_cache")
+             if hasattr(cache, name)]
+    return parts or [cache]
+
+
+def _cache_state(cache: Any) -> tuple[list[list[dict[str, Any]]], dict | None]:
+    """A shallow record of a cache (each layer's attributes; the tensors are never changed in place)."""
+    layers = [[dict(vars(layer)) for layer in getattr(part, "layers", [])] for part in _cache_parts(cache)]
+    updated = dict(cache.is_updated) if isinstance(getattr(cache, "is_updated", None), dict) else None
+    return layers, updated
+
+
+def _restore_cache(cache: Any, state: tuple[list[list[dict[str, Any]]], dict | None]) -> None:
+    layers, updated = state
+    for part, saved in zip(_cache_parts(cache), layers):
+        for layer, attributes in zip(getattr(part, "layers", []), saved):
+            vars(layer).clear()
+            vars(layer).update(attributes)
+    if updated is not None:
+        cache.is_updated.clear()
+        cache.is_updated.update(updated)
