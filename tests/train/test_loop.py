@@ -162,3 +162,14 @@ def test_unknown_precision_device_or_strategy_is_refused_with_the_choices():
 def test_config_files_with_the_old_bf16_flag_still_read():
     assert TrainConfig.from_dict({"bf16": True}).precision == "bf16"
     assert TrainConfig.from_dict({"bf16": False}).precision == "fp32"
+
+
+def test_gradient_checkpointing_trains_the_same_weights(quiet_folder, toy):
+    runs = []
+    for checkpointing in (False, True):
+        model, tokenizer = tiny_lora_classifier(quiet_folder, toy[0].labels, dropout=0.0)
+        train(model, tokenizer, toy[0], None, TrainConfig(max_steps=4, batch_size=16, lr=1e-2,
+                                                          gradient_checkpointing=checkpointing, **FAST))
+        runs.append(_trainable(model))
+    for name, value in runs[0].items():  # the same arithmetic, recomputed: float32 rounding at most
+        torch.testing.assert_close(runs[1][name], value, rtol=1e-5, atol=1e-7)
