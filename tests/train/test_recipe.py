@@ -58,3 +58,30 @@ def test_same_config_same_adapter_in_any_process_state(files, tmp_path):
         saved.append(load_file(f"{result.adapter_dir}/adapter_model.safetensors"))
     assert saved[0].keys() == saved[1].keys()
     assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+
+
+@pytest.mark.filterwarnings("ignore:.*stay in float")
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_a_run_on_a_quantised_base_records_it_and_reloads_quantised(files, scheme, tmp_path):
+    import json
+
+    result = run(RunConfig(model=str(files / "model"), data=str(files / "train.csv"), test_data=str(files / "test.csv"),
+                           quantize=scheme, output=str(tmp_path / "run"),
+                           train={"max_steps": 3, "batch_size": 8, "num_threads": 1, "progress": False}))
+    kit = json.loads((tmp_path / "run" / "adapter" / "adapterkit.json").read_text())
+    assert kit["quantization"]["scheme"] == scheme
+    assert result.trainable["base_bytes"] < run_float_base_bytes(files)
+    model, tokenizer, metadata = load_with_adapter(result.adapter_dir, quantize=scheme)
+    again = evaluate(model, tokenizer, files / "test.csv", max_length=metadata["max_length"])
+    assert again["accuracy"] == pytest.approx(result.test_metrics["accuracy"])
+    assert again["loss"] == pytest.approx(result.test_metrics["loss"], rel=1e-5)
+
+
+def run_float_base_bytes(files) -> int:
+    from adapterkit.core import add_adapter, trainable_summary
+    from adapterkit.methods import LoraConfig
+    from adapterkit.models import load_model
+
+    model, _ = load_model(files / "model", labels=["neg", "pos"])
+    add_adapter(model, "x", LoraConfig())
+    return trainable_summary(model)["base_bytes"]

@@ -27,6 +27,7 @@ from adapterkit.tasks import get_task, task_name_for_model
 Method = Literal[tuple(method_choices())]  # type: ignore[valid-type]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Strategy = Literal["auto", "none", "ddp", "fsdp"]
+Quantize = Literal["int8", "nf4", "fp4"]
 
 
 def _is_main_process() -> bool:
@@ -63,6 +64,7 @@ def train(
     gradient_checkpointing: bool = False,
     strategy: Strategy | None = None,
     threads: int | None = None,
+    quantize: Quantize | None = None,
     json: bool = False,
 ) -> int:
     """Train an adapter (default: LoRA on minilm with rotten_tomatoes) and test it.
@@ -101,6 +103,8 @@ def train(
             sharded per transformer block).
         threads: torch threads per process (default: the cores this process may use, shared among the
             processes torchrun started on this machine; 1 when the machine is already overloaded).
+        quantize: store the frozen base's linear layers as int8 (torchao) or nf4/fp4 (bitsandbytes); the
+            adapter trains in float32 (QLoRA-style).
         json: print the result as JSON.
     """
     from adapterkit.cli.threads import apply_threads
@@ -114,7 +118,7 @@ def train(
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
         max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output,
         seed=seed, resume=resume or None, overwrite=overwrite or None, device=device, precision=precision,
-        gradient_checkpointing=gradient_checkpointing or None, strategy=strategy)
+        gradient_checkpointing=gradient_checkpointing or None, strategy=strategy, quantize=quantize)
     result = run(run_config)
     if not _is_main_process():
         return 0  # under torchrun the main process reports
@@ -164,6 +168,7 @@ def evaluate(
     device: str = "auto",
     precision: Precision = "fp32",
     threads: int | None = None,
+    quantize: Quantize | None = None,
     json: bool = False,
 ) -> int:
     """Evaluate a trained adapter on labelled data (its base model comes from the adapter folder),
@@ -194,6 +199,7 @@ def evaluate(
         device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
         precision: fp32, bf16 or fp16 autocast, or auto (bf16 where the hardware runs it natively).
         threads: torch threads (default: the cores this process may use; 1 on an overloaded machine).
+        quantize: load the base with its linear layers stored as int8, nf4 or fp4.
         json: print all metrics as JSON, with the length, template and generation settings under "settings".
     """
     from adapterkit.cli.generation import evaluation_generation
@@ -216,7 +222,7 @@ def evaluate(
                                       precision=precision, **scoring, **chosen)
         print(json_lib.dumps(metrics, indent=1) if json else format_metrics(metrics))
         return 0
-    loaded, tokenizer, metadata = load_with_adapter(adapter, device=device)
+    loaded, tokenizer, metadata = load_with_adapter(adapter, device=device, quantize=quantize)
     columns = {**metadata.get("columns", {}), **chosen}
     options = evaluation_generation(task_name_for_model(loaded), batch_size, **flags)
     metrics = evaluate_model(loaded, tokenizer, data, split=split, max_length=max_length,
@@ -241,6 +247,7 @@ def predict(
     device: str = "auto",
     precision: Precision = "fp32",
     threads: int | None = None,
+    quantize: Quantize | None = None,
     json: bool = False,
 ) -> int:
     """Predict with a trained adapter: one line per text (label and score); reads stdin without texts.
@@ -256,12 +263,13 @@ def predict(
         device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
         precision: fp32, bf16 or fp16 autocast, or auto (bf16 where the hardware runs it natively).
         threads: torch threads (default: the cores this process may use; 1 on an overloaded machine).
+        quantize: load the base with its linear layers stored as int8, nf4 or fp4.
         json: print a JSON list of predictions.
     """
     from adapterkit.cli.threads import apply_threads
 
     apply_threads(threads)
-    model, tokenizer, metadata = load_with_adapter(adapter, device=device)
+    model, tokenizer, metadata = load_with_adapter(adapter, device=device, quantize=quantize)
     inputs = list(texts)
     if file is not None:
         column = text_column or metadata.get("columns", {}).get("text_column", "text")

@@ -18,14 +18,14 @@ GenerativeTask = Literal["causal-lm", "seq2seq"]
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-def _load(adapter: Path | None, model: str | None, task: str,
-          device: str = "auto") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(adapter: Path | None, model: str | None, task: str, device: str = "auto",
+          quantize: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if adapter is not None:
-        loaded, tokenizer, _ = load_with_adapter(adapter, device=device)
+        loaded, tokenizer, _ = load_with_adapter(adapter, device=device, quantize=quantize)
         return loaded, tokenizer
     if model is None:
         raise UsageError("give --adapter DIR/adapter, or --model NAME for the base model alone")
-    loaded, tokenizer = load_model(model, task=task, device=device)
+    loaded, tokenizer = load_model(model, task=task, device=device, quantize=quantize)
     return loaded.eval(), tokenizer
 
 
@@ -64,6 +64,7 @@ def generate(
     system: str | None = None,
     raw: bool = False,
     device: str = "auto",
+    quantize: Literal["int8", "nf4", "fp4"] | None = None,
     json: bool = False,
 ) -> int:
     """Generate a reply to each prompt (greedy unless --temperature); reads stdin lines without prompts.
@@ -81,9 +82,10 @@ def generate(
         system: a system message before each prompt.
         raw: continue the prompt text as it is, without the chat template.
         device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
+        quantize: store the base's linear layers as int8, nf4 or fp4.
         json: print a JSON list of {"prompt", "text"}.
     """
-    loaded, tokenizer = _load(adapter, model, task, device)
+    loaded, tokenizer = _load(adapter, model, task, device, quantize)
     texts = list(prompts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 stop=(stop,) if stop else (), seed=seed)

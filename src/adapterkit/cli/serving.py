@@ -42,6 +42,7 @@ def serve(
     batching: Literal["mixed", "same-adapter", "single"] = "mixed",
     device: str = "auto",
     task: str | None = None,
+    quantize: Literal["int8", "nf4", "fp4"] | None = None,
 ) -> int:
     """Serve a base model and its adapters over HTTP with OpenAI's API (vLLM's LoRA contract) plus
     /v1/classify, /v1/tag and /v1/answer for encoder adapters.
@@ -62,6 +63,7 @@ def serve(
         batching: mixed (requests for any adapters share each step), same-adapter or single (for comparisons).
         device: where the model runs: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
         task: the base's task when neither the adapters nor the model's config say.
+        quantize: store the base's linear layers as int8, nf4 or fp4 (generative models).
     """
     import os
 
@@ -77,7 +79,7 @@ def serve(
     config = ServerConfig(model=model, adapters=adapters, adapter_root=adapter_root,
                           api_key=api_key or os.environ.get("ADAPTERKIT_API_KEY") or None, max_batch=max_batch,
                           max_tokens=max_tokens, max_inputs=max_inputs, max_body_bytes=max_body_bytes,
-                          max_queue=max_queue, batching=batching, device=device, task=task)
+                          max_queue=max_queue, batching=batching, device=device, task=task, quantize=quantize)
     print(f"serving {model} with {len(adapters)} adapter(s) on http://{host}:{port}/v1 "
           f"(OpenAPI schema at /openapi.json, docs at /docs)", flush=True)
     run_server(config, host=host, port=port)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from adapterkit.core.layers import adapter_layers, innermost
@@ -51,9 +52,18 @@ def touched_parameters(model: nn.Module, name: str) -> list[str]:
         if not layer.has_adapter(name):
             continue
         module_path = ".".join(p for p in path.split(".") if p != WRAPPER_COMPONENT)
-        for pname, param in innermost(layer).named_parameters():
-            entries.add(f"{module_path}.{pname}:{tuple(param.shape)}")
+        core = innermost(layer)
+        for pname, param in core.named_parameters():
+            entries.add(f"{module_path}.{pname}:{_logical_shape(core, pname, param)}")
     return sorted(entries)
+
+
+def _logical_shape(module: nn.Module, pname: str, param: torch.Tensor) -> tuple[int, ...]:
+    """The shape a parameter has in float: a 4-bit weight is stored packed, its layer knows the real one."""
+    if pname == "weight" and isinstance(module, nn.Linear) and param.dim() == 2 \
+            and tuple(param.shape) != (module.out_features, module.in_features):
+        return (module.out_features, module.in_features)
+    return tuple(param.shape)
 
 
 def touched_hash(model: nn.Module, name: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
+import torch
 import torch.nn as nn
 
 from adapterkit.core.compose import resolve_plan, trainable_names
@@ -264,11 +265,42 @@ def refresh_trainable(model: nn.Module) -> None:
 
 
 def trainable_summary(model: nn.Module) -> dict[str, float | int]:
-    """Counts of trainable and total parameters, and the trainable percentage."""
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable and total parameters, the trainable percentage, and the frozen base's bytes as stored.
+
+    Counts are of values as the model computes with them (a 4-bit weight packs
+    two per byte and still counts as its layer's out x in); ``base_bytes`` is
+    the memory the frozen parameters take in their stored precision (int8,
+    4-bit or float), ``trainable_bytes`` that of the trainable ones.
+    """
+    total = trainable = base_bytes = trainable_bytes = 0
+    for module in model.modules():
+        for pname, param in module.named_parameters(recurse=False):
+            count = _logical_numel(module, pname, param)
+            total += count
+            if param.requires_grad:
+                trainable += count
+                trainable_bytes += _stored_bytes(param)
+            else:
+                base_bytes += _stored_bytes(param)
     percent = 100.0 * trainable / total if total else 0.0
-    return {"trainable": trainable, "total": total, "percent": percent}
+    return {"trainable": trainable, "total": total, "percent": percent, "base_bytes": base_bytes,
+            "trainable_bytes": trainable_bytes}
+
+
+def _logical_numel(module: nn.Module, pname: str, param: torch.Tensor) -> int:
+    if pname == "weight" and isinstance(module, nn.Linear) and tuple(param.shape) != (
+            module.out_features, module.in_features):
+        return module.out_features * module.in_features  # a packed (quantised) weight
+    return param.numel()
+
+
+def _stored_bytes(param: torch.Tensor) -> int:
+    """Bytes a parameter occupies: the inner tensors of a tensor subclass (torchao int8), else its own."""
+    flatten = getattr(param, "__tensor_flatten__", None)
+    if callable(flatten) and type(param) not in (torch.Tensor, nn.Parameter):
+        names, _ = flatten()
+        return sum(getattr(param, n).numel() * getattr(param, n).element_size() for n in names)
+    return param.numel() * param.element_size()
 
 
 def _remove(model: nn.Module, name: str, state: AdapterState) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,7 @@ ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE, KIT_FILE, CARD_FILE)
 FORMAT_VERSION = 1
 # adapterkit.json keys that caller metadata may not override
 RESERVED_KEYS = ("adapterkit_version", "format_version", "name", "method", "config",
-                 "peft_format", "heads", "fingerprint")
+                 "peft_format", "heads", "fingerprint", "quantization")
 
 
 class AdapterFileError(UserError, ValueError):
@@ -161,8 +162,19 @@ def _kit_record(model: nn.Module, name: str, method: Method, config: AdapterConf
         "task": extra.pop("task", None),
         "labels": extra.pop("labels", None) or (_config_labels(model) if heads else None),
         "fingerprint": fingerprint(model, name),
+        "quantization": _quantization_of(model),
         **extra,
     }
+
+
+# Where models/quantize.py records how a base is stored (core reads it, never sets it).
+QUANTIZATION_ATTR = "adapterkit_quantization"
+
+
+def _quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """How the base the adapter was trained on was stored (``None``: float)."""
+    record = getattr(model, QUANTIZATION_ATTR, None)
+    return record.to_dict() if record is not None else None
 
 
 def _card(kit: dict[str, Any], tensors: dict[str, torch.Tensor], peft_format: bool) -> str:
@@ -204,6 +216,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
     _check_tensors_fit_config(folder, adapter_config, kit, config, shapes)
     saved_base = (kit or {}).get("fingerprint") or {}
     check_summary(saved_base, model, str(folder))
+    _note_quantization((kit or {}).get("quantization"), model, folder)
     name = name or (kit or {}).get("name") or "default"
     if name in list_adapters(model):
         raise ValueError(f"model already has an adapter called {name!r}; pass load_adapter(..., name=...)")
@@ -236,6 +249,16 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike[str], name: str | N
         raise
     model.train(model.training)  # the new adapter modules follow the model's train/eval mode
     return name
+
+
+def _note_quantization(trained_on: dict[str, Any] | None, model: nn.Module, folder: Path) -> None:
+    """One line when the adapter was trained on a base stored otherwise than this one."""
+    here = _quantization_of(model)
+    then = (trained_on or {}).get("scheme")
+    now = (here or {}).get("scheme")
+    if then != now:
+        warnings.warn(f"the adapter in {folder} was trained on a {then or 'float'} base and is loaded onto a "
+                      f"{now or 'float'} one: outputs differ by the quantisation error", stacklevel=3)
 
 
 def _load_heads(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],

@@ -107,8 +107,11 @@ class IA3Layer(AdapterLayer):
         super().__init__(base_layer, state)
         core = innermost(base_layer)
         self.fan_in_fan_out = not isinstance(core, nn.Linear)  # Conv1D weight is (in, out)
-        rows, cols = core.weight.shape
-        self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
+        if isinstance(core, nn.Linear):  # in_features/out_features: a quantised weight's shape is its packing
+            self.in_features, self.out_features = core.in_features, core.out_features
+        else:
+            rows, cols = core.weight.shape
+            self.in_features, self.out_features = (rows, cols) if self.fan_in_fan_out else (cols, rows)
         self.ia3_l = nn.ParameterDict()
         self.is_feedforward: dict[str, bool] = {}
         self.algebra = IA3Effects(self)

@@ -90,7 +90,8 @@ class LoraLayer(AdapterLayer):
     # --- shapes -------------------------------------------------------------
     def base_weight(self) -> torch.Tensor:
         """The wrapped weight as (out, in) for linear layers, (num, dim) for embeddings."""
-        weight = base_layer_core(self.base_layer).weight
+        # read through the base accessor: a quantised base layer is dequantised (its weight is packed)
+        weight = read_base_tensor(base_layer_core(self.base_layer))
         return weight.T if self.fan_in_fan_out else weight
 
     def add_adapter(self, name: str, config: AdapterConfig) -> None:

@@ -92,13 +92,14 @@ def adapter_task(metadata: dict[str, Any], folder: str | os.PathLike) -> str:
 def load_with_adapter(
     folder: str | os.PathLike,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load the base model named in an adapter folder, then the adapter onto it.
 
     The task comes from adapterkit.json, else from PEFT's ``task_type``; the
     head size from the saved labels, else from the saved head's tensors.
     Returns ``(model, tokenizer, metadata)`` with the adapter active, on
-    ``device`` (see ``load_model``).
+    ``device``, its base stored as ``quantize`` says (see ``load_model``).
     """
     from adapterkit.core import load_adapter
 
@@ -108,7 +109,7 @@ def load_with_adapter(
     labels = metadata.get("labels") if task in LABELLED_TASKS else None
     num_labels = metadata.get("head_outputs") if task in LABELLED_TASKS and not labels else None
     model, tokenizer = load_model(base_model_of(metadata), task=task, labels=labels, num_labels=num_labels,
-                                  device=device)
+                                  device=device, quantize=quantize)
     load_adapter(model, str(folder))
     model.eval()
     return model, tokenizer, metadata

@@ -106,6 +106,7 @@ def load_model(
     num_labels: int | None = None,
     labels: Sequence[str] | None = None,
     device: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a base model with the head for ``task``, and its tokenizer.
 
@@ -116,6 +117,8 @@ def load_model(
         labels: label names; sets ``id2label``/``label2id`` and implies ``num_labels``.
         device: where to put the model (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``; under
             ``torchrun`` ``auto`` and ``cuda`` take the local rank's GPU); ``None`` leaves it on the CPU.
+        quantize: ``"int8"``, ``"nf4"`` or ``"fp4"`` stores the base's linear layers (not the
+            embeddings, norms or head) quantised, after the move to ``device`` (see ``models/quantize.py``).
 
     Returns:
         ``(model, tokenizer)``. The model records its source in
@@ -140,6 +143,10 @@ def load_model(
         from adapterkit.runtime.runtime import world_from_env
 
         model.to(resolve_device(device, world_from_env()[2]))
+    if quantize is not None:
+        from adapterkit.models.quantize import quantize_model
+
+        quantize_model(model, quantize)
     source = {"name": str(name_or_path), "path": str(Path(path).resolve()), "task": task}
     setattr(model, SOURCE_ATTR, source)
     log.info("loaded %s (%s) for %s", name_or_path, path, task)

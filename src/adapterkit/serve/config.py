@@ -42,6 +42,7 @@ class ServerConfig:
     batching: Batching = "mixed"
     device: str = "auto"
     task: str | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING_MODES:

@@ -60,6 +60,7 @@ class GenerativeHost:
     Args:
         model: alias or folder of the base model.
         task: ``"causal-lm"`` or ``"seq2seq"``.
+        quantize: store the base's linear layers as ``int8``, ``nf4`` or ``fp4``.
         engine_options: passed to :class:`GenerationEngine` (``max_batch``, ``max_queue``, ``batching``).
     """
 
@@ -67,10 +68,11 @@ class GenerativeHost:
 
     def __init__(self, model: str, *, task: str = "causal-lm", metrics: ServerMetrics | None = None,
                  device: str = "cpu", max_batch: int = 64, max_queue: int = 1024,
-                 batching: Batching = "mixed") -> None:
+                 batching: Batching = "mixed", quantize: str | None = None) -> None:
         self.base_name, self.task = model, task
-        self.model, self.tokenizer = load_model(model, task=task)
-        self.model.to(resolve_device(device)).eval()
+        self.model, self.tokenizer = load_model(model, task=task, device=str(resolve_device(device)),
+                                                quantize=quantize)
+        self.model.eval()
         self.metrics = metrics or ServerMetrics()
         self._adapters: dict[str, dict[str, Any]] = {}
         self._templates: dict[str, str] = {}

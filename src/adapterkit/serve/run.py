@@ -16,6 +16,11 @@ def build_host(config: ServerConfig, metrics: ServerMetrics) -> Any:
     """The generative host (causal LM / seq2seq) or the encoder host, with the start-up adapters loaded."""
     task = server_task(config.model, config.adapters, config.task)
     if task == "encoder":
+        if config.quantize is not None:
+            from adapterkit.errors import UsageError
+
+            raise UsageError("--quantize serves generative models (causal-lm, seq2seq) for now; an encoder "
+                             "server shares one float copy of the encoder across its task models")
         from adapterkit.serve.encoder import EncoderHost
         from adapterkit.serve.encoder_batching import EncoderBatcher
 
@@ -27,7 +32,8 @@ def build_host(config: ServerConfig, metrics: ServerMetrics) -> Any:
         from adapterkit.serve.generative import GenerativeHost
 
         host = GenerativeHost(config.model, task=task, metrics=metrics, device=config.device,
-                              max_batch=config.max_batch, max_queue=config.max_queue, batching=config.batching)
+                              max_batch=config.max_batch, max_queue=config.max_queue, batching=config.batching,
+                              quantize=config.quantize)
     try:
         for name, folder in config.adapters.items():
             host.load_adapter(name, folder)

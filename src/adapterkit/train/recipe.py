@@ -52,6 +52,8 @@ class RunConfig:
         method: the adapter method (``lora``, ``bottleneck``, ``ia3``, ``prefix``, ``prompt``, ``bitfit``).
         adapter: options of the method's config, e.g. ``{"rank": 8, "targets": ["query", "value"]}``.
         adapter_name: the adapter's name on the model.
+        quantize: store the frozen base's linear layers as ``int8``, ``nf4`` or ``fp4``
+            (``models/quantize.py``); ``None``: float.
         output: the run folder; default ``runs/<date-time>``.
         train: ``TrainConfig`` options (its ``output_dir`` is ``output``).
     """
@@ -67,6 +69,7 @@ class RunConfig:
     method: str = "lora"
     adapter: dict[str, Any] = field(default_factory=dict)
     adapter_name: str = "default"
+    quantize: str | None = None
     output: str | None = None
     train: dict[str, Any] = field(default_factory=dict)
 
@@ -128,6 +131,7 @@ class RunConfig:
         train = plain.train_config(None).to_dict()
         return {
             "model": self.model, "task": self.task, "data": self.data, "eval_data": self.eval_data,
+            "quantize": self.quantize,
             "columns": {"text": self.text_column, "label": self.label_column, "text_pair": self.text_pair_column},
             "adapters": {self.adapter_name: self.adapter_config().to_dict()},
             "train": {k: v for k, v in train.items() if k not in RESUMABLE_CHANGES},
@@ -252,7 +256,8 @@ def run(config: RunConfig) -> RunResult:
         # Seed before the new head and the adapter are initialised, so that the
         # same config gives the same weights in every process.
         seed_everything(train_config.seed)
-        model, tokenizer = load_model(config.model, task=config.task, labels=train_data.labels)
+        model, tokenizer = load_model(config.model, task=config.task, labels=train_data.labels,
+                                      quantize=config.quantize)
         add_adapter(model, config.adapter_name, adapter_config)
         train_config = resolve_train_config(model, tokenizer, train_data, train_config)
         trainable = trainable_summary(model)
