@@ -119,9 +119,20 @@ def test_dtype_is_kept_and_generation_config_written(tmp_path: Path) -> None:
     saved = assert_plain_config(out, base)
     assert saved["dtype"] == "bfloat16"
     with safe_open(str(out / "model.safetensors"), "pt") as weights:
-        assert {weights.get_tensor(k).dtype for k in weights.keys()}  # noqa: SIM118 (safe_open is no dict) == {torch.bfloat16}
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
     assert (out / "generation_config.json").is_file()
     assert type(model).__name__ == "LlamaForCausalLM" and not ak.list_adapters(model)
+
+
+def test_export_writes_the_merged_weights_in_the_dtype_asked_for(tmp_path: Path) -> None:
+    base = tiny_model_folder(tmp_path / "base", "llama")
+    model, tokenizer = ak.load_model(base, task="causal-lm")
+    ak.add_adapter(model, "a", ak.LoraConfig(rank=2))
+    perturb(model, "a")
+    out = export_merged(model, tokenizer, tmp_path / "merged", dtype=torch.bfloat16)
+    assert assert_plain_config(out, base)["dtype"] == "bfloat16"
+    with safe_open(str(out / "model.safetensors"), "pt") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {torch.bfloat16}  # noqa: SIM118
 
 
 def test_an_existing_output_is_refused_untouched_and_replaced_only_when_asked(tmp_path: Path) -> None:

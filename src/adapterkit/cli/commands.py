@@ -310,6 +310,7 @@ def export(
     plan: Path | None = None,
     format: Literal["hf", "gguf"] | None = None,
     overwrite: bool = False,
+    dtype: Literal["fp32", "bf16"] | None = None,
 ) -> int:
     """Export trained adapters merged into their base as a Hugging Face model folder that plain
     transformers loads (or a LoRA adapter as a llama.cpp GGUF file).
@@ -323,6 +324,8 @@ def export(
         format: hf (a merged model folder) or gguf (one LoRA adapter on a Llama-architecture base, for
             llama.cpp's --lora); default: gguf when --output ends in .gguf, else hf.
         overwrite: replace what is already at --output (kept whole until the new export is complete).
+        dtype: write the merged model in fp32 or bf16 (default: the base's own dtype); an adapter trained on
+            a quantised base is merged into its float base, which is what most users want.
     """
     from adapterkit.core.plan import describe
     from adapterkit.export.hf_folder import check_output, export_merged, load_adapters, plan_for, read_plan
@@ -342,7 +345,10 @@ def export(
     given = read_plan(plan) if plan is not None else None
     model, tokenizer, names = load_adapters(adapter)
     folded = plan_for(names, given)
-    written = export_merged(model, tokenizer, output, plan=folded, overwrite=overwrite)
+    import torch
+
+    chosen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype) if dtype else None
+    written = export_merged(model, tokenizer, output, plan=folded, overwrite=overwrite, dtype=chosen_dtype)
     print(f"exported:  {written}")
     print(f"plan:      {describe(folded)} folded into the weights")
     print(f"model:     {type(model).__name__} ({str(model.dtype).removeprefix('torch.')}); load it with "

@@ -19,6 +19,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -40,6 +41,7 @@ def export_merged(
     output: str | os.PathLike[str],
     plan: PlanLike | Plan = None,
     overwrite: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Fold ``plan`` into ``model``'s weights and write it as a Hugging Face model folder.
 
@@ -61,6 +63,8 @@ def export_merged(
             None for the model's active plan.
         overwrite: Replace ``output`` if it exists (the old folder stays whole until the new one
             is complete).
+        dtype: Write the merged weights in this float dtype (``torch.bfloat16``, ``torch.float32``)
+            instead of the model's own (merging happens in float32 first).
 
     Returns:
         The folder written.
@@ -81,6 +85,10 @@ def export_merged(
     if destination.exists() and not destination.is_dir():
         raise UsageError(f"cannot write a model folder to {destination}: it is a file; give a folder path")
     merged = merge_and_unload(model, plan)
+    if dtype is not None:
+        if not dtype.is_floating_point:
+            raise UsageError(f"export dtype must be a float type (bfloat16, float32), got {dtype}")
+        merged = merged.to(dtype)
     _write(merged, tokenizer, destination)
     return destination
 
