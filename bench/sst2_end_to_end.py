@@ -56,9 +56,9 @@ def read_sst2(name: str, limit: int | None, seed: int) -> list[dict]:
 
 
 def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
-                   precision: str = "fp32") -> dict:
+                   precision: str = "fp32", quantize: str | None = None) -> dict:
     factory, lr = METHODS[method]
-    model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"])
+    model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"], quantize=quantize)
     config = factory()
     if config is not None:
         ak.add_adapter(model, "sst2", config)
@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--quantize", nargs="+", default=["none"], choices=["none", "int8", "nf4", "fp4"],
+                        help="also train the adapterkit runs on a base stored in these formats")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16", "auto"],
                         help="train and evaluate the adapterkit runs at each of these (autocast; default fp32)")
     args = parser.parse_args()
@@ -132,9 +134,13 @@ def main() -> None:
             print("peft", results["peft lora + Trainer"][-1], flush=True)
         for method in args.methods:
             for precision in args.precisions:
-                name = method if args.precisions == ["fp32"] else f"{method} {precision}"
-                results.setdefault(name, []).append(run_adapterkit(method, train_rows, val_rows, seed, precision))
-                print(name, results[name][-1], flush=True)
+                for scheme in args.quantize:
+                    name = method if args.precisions == ["fp32"] else f"{method} {precision}"
+                    name += "" if scheme == "none" else f" on {scheme} base"
+                    quantize = None if scheme == "none" else scheme
+                    results.setdefault(name, []).append(
+                        run_adapterkit(method, train_rows, val_rows, seed, precision, quantize))
+                    print(name, results[name][-1], flush=True)
     full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))
     rows = []
     for name, runs in results.items():
