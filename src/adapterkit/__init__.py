@@ -1,5 +1,6 @@
 """adapterkit: adapter fine-tuning for pretrained transformer language models."""
 
+from adapterkit import _quiet_imports  # noqa: F401  (before anything imports transformers)
 from adapterkit.core import *  # noqa: F401,F403
 from adapterkit.core import __all__ as _core_all
 from adapterkit.methods import *  # noqa: F401,F403
