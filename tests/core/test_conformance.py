@@ -198,3 +198,31 @@ def test_two_lora_adapters_sum_their_deltas(kind: str) -> None:
         folded = output_tensor(model, inputs)
     assert both.dtype == torch.float64
     assert_close_scaled(both, folded, ops=forward_ops(model))
+
+
+# The quantised column: every method on a base whose linear layers are stored in int8 (torchao)
+# or nf4 (bitsandbytes) computes what it computes on a float base holding the dequantised weights.
+# GPT-2's projections are Conv1D, which is not quantised.
+QUANTISED = [(case, kind, scheme) for case, kind in PARAMS if kind != "gpt2" for scheme in ("int8", "nf4")]
+
+
+@pytest.mark.filterwarnings("ignore:.*stay in float")
+@pytest.mark.parametrize(("case", "kind", "scheme"), QUANTISED)
+def test_on_a_quantised_base_equals_on_the_dequantised_float_base(case: str, kind: str, scheme: str) -> None:
+    from adapterkit.models.quantize import quantize_model
+    from tests.models.test_quantized import _dequantized_twin
+    from tests.tiny_models import perturb
+
+    model, inputs = build_tiny(kind)
+    quantize_model(model, scheme)
+    twin = _dequantized_twin(model)
+    factory = CASES[case][0]
+    for target in (model, twin):
+        ak.add_adapter(target, "a", factory())
+    perturb(model, "a")
+    with torch.no_grad():
+        for name, param in ak.adapter_parameters(twin, "a").items():
+            param.copy_(ak.adapter_parameters(model, "a")[name])
+    got, want = output_tensor(model, inputs), output_tensor(twin, inputs)
+    # the same weights through another kernel: float32 rounding of the magnitudes involved
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(float(want.abs().max()), 1.0))

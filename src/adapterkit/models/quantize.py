@@ -93,8 +93,12 @@ def quantizable_linears(model: nn.Module) -> list[str]:
 
     heads = head_paths(model)
     inside_head = lambda path: any(path == h or path.startswith(h + ".") for h in heads)  # noqa: E731
+    # transformers names modules whose weights must stay float (T5's ``wo``: its FFN casts the
+    # hidden states to that weight's dtype, which for a 4-bit weight is uint8)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    kept = lambda path: any(part in keep for part in path.split("."))  # noqa: E731
     return [path for path, module in model.named_modules()
-            if type(module) is nn.Linear and not inside_head(path)]
+            if type(module) is nn.Linear and not inside_head(path) and not kept(path)]
 
 
 def _int8(model: nn.Module, paths: list[str]) -> Quantization:
