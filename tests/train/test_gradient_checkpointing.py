@@ -74,13 +74,13 @@ def test_checkpointing_is_refused_where_the_architecture_has_none() -> None:
                                             ("prompt", "llama"), ("bottleneck", "bart")])
 def test_blocks_are_really_recomputed_in_the_backward(case: str, kind: str) -> None:
     """Each checkpointed block runs twice per training step (forward, then again in the backward)."""
-    from adapterkit.train.memory import checkpointed_blocks
+    from adapterkit.runtime.blocks import transformer_blocks
 
     counts = []
     for checkpointing in (False, True):
         model, inputs = build_tiny(kind)
         ak.add_adapter(model, "a", CASES[case][0]())
-        blocks = checkpointed_blocks(model)
+        blocks = transformer_blocks(model)
         if checkpointing:
             enable_gradient_checkpointing(model)
         calls = [0]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from adapterkit.errors import UserError
+from adapterkit.runtime.blocks import transformer_blocks
 
 if TYPE_CHECKING:
     from adapterkit.runtime.runtime import Runtime
@@ -66,8 +67,8 @@ def wrap_model(model: nn.Module, runtime: "Runtime") -> nn.Module:
 
     ``ddp``: a ``DistributedDataParallel`` around the model (only trainable
     parameters are synchronised; the frozen base is broadcast from rank 0
-    once). ``fsdp``: FSDP2's ``fully_shard`` on each transformer block (the
-    model's ``_no_split_modules`` classes), then on the whole model, in place.
+    once). ``fsdp``: FSDP2's ``fully_shard`` on each transformer block
+    (``runtime.blocks.transformer_blocks``), then on the whole model, in place.
     The adapter bookkeeping stays on ``model`` itself, which is returned for
     ``none`` and ``fsdp``.
     """
@@ -82,21 +83,15 @@ def wrap_model(model: nn.Module, runtime: "Runtime") -> nn.Module:
     return model
 
 
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The model's repeated blocks (modules of its ``_no_split_modules`` classes), outermost first."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise DistributedError(f"{type(model).__name__} names no transformer block classes "
-                               "(_no_split_modules), so FSDP has nothing to shard per block; use --strategy ddp")
-    return blocks
-
-
 def shard_blocks(model: nn.Module) -> None:
     """FSDP2: shard every transformer block, then the rest of the model, over the default group."""
     from torch.distributed.fsdp import fully_shard
 
-    for block in transformer_blocks(model):
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise DistributedError(f"{type(model).__name__} names no transformer block classes "
+                               "(_no_split_modules), so FSDP has nothing to shard per block; use --strategy ddp")
+    for block in blocks:
         fully_shard(block)
     fully_shard(model)
 
@@ -136,12 +131,6 @@ def broadcast_object(obj: Any, runtime: "Runtime") -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0, device=_collective_device(runtime))
     return box[0]
-
-
-def barrier(runtime: "Runtime") -> None:
-    """Wait until every process gets here."""
-    if runtime.distributed:
-        dist.barrier()
 
 
 def _collective_device(runtime: "Runtime") -> torch.device:
@@ -234,9 +223,3 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
-
-
-def shutdown(runtime: "Runtime") -> None:
-    """Leave the process group this run joined."""
-    if runtime.distributed and dist.is_initialized():
-        dist.destroy_process_group()

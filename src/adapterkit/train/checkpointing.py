@@ -148,19 +148,21 @@ def evaluate_and_checkpoint(tokenizer: PreTrainedTokenizerBase, prepared: Prepar
     rngs = gather_objects(rng_state(), runtime)
     checkpoints = folder.path / "checkpoints" if folder else None
     metric = prepared.metric
+    improved = False
     if eval_data is not None:
         metrics = evaluate_features(model, tokenizer, prepared, eval_data, config, runtime)
         log.log("eval", state.step, metrics)
-        if track_best(state, metrics, metric, config.early_stopping_patience):
-            restored.best_weights, restored.best_metrics = full_trainable_state(model), metrics
-            if checkpoints:
-                write_atomically(checkpoints / "best", {
-                    WEIGHTS_FILE: restored.best_weights, "metrics.json": metrics,
-                    STATE_FILE: {"step": state.step}})
+        improved = track_best(state, metrics, metric, config.early_stopping_patience)
         if config.progress and runtime.is_main:
             bar.write(f"step {state.step}: eval {metric} {metrics[metric]:.4f} "
                       f"(best {state.best_metric:.4f} at step {state.best_step})")
-    weights = full_trainable_state(model) if folder or runtime.distributed else None
+    # one whole copy of the trainable weights (a gather under FSDP) serves the best and the last checkpoint
+    weights = full_trainable_state(model) if folder or runtime.distributed or improved else None
+    if improved:
+        restored.best_weights, restored.best_metrics = weights, metrics
+        if checkpoints:
+            write_atomically(checkpoints / "best", {
+                WEIGHTS_FILE: restored.best_weights, "metrics.json": metrics, STATE_FILE: {"step": state.step}})
     optimizer = full_optimizer_state(model, trainer.optimizer) if folder or runtime.distributed else None
     if folder:
         best = (restored.best_weights, restored.best_metrics) if restored.best_weights is not None else None

@@ -25,30 +25,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from adapterkit.errors import UsageError
+from adapterkit.runtime.blocks import transformer_blocks
 
 MARK = "_adapterkit_checkpointed"
-
-
-def checkpointed_blocks(model: nn.Module) -> list[nn.Module]:
-    """The outermost transformer blocks: transformers' ``GradientCheckpointingLayer`` modules,
-    else the classes named in the model's ``_no_split_modules``."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:  # older transformers
-        GradientCheckpointingLayer = ()  # type: ignore[assignment]  # noqa: N806
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    found: list[nn.Module] = []
-    inside: set[int] = set()
-    for module in model.modules():
-        if id(module) in inside:
-            continue
-        if (GradientCheckpointingLayer and isinstance(module, GradientCheckpointingLayer)) \
-                or type(module).__name__ in names:
-            found.append(module)
-            inside.update(id(m) for m in module.modules())
-    return found
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -60,7 +42,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     Raises:
         UsageError: no transformer blocks were found to checkpoint.
     """
-    blocks = checkpointed_blocks(model)
+    blocks = transformer_blocks(model)
     if not blocks:
         raise UsageError(f"{type(model).__name__} has no transformer blocks adapterkit can checkpoint "
                          "(no GradientCheckpointingLayer or _no_split_modules); train without "
@@ -86,10 +68,6 @@ def _checkpointed_forward(block: nn.Module, forward: Callable[..., Any], *args: 
 
 
 def _is_cache(value: Any) -> bool:
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:
-        return False
     return isinstance(value, Cache)
 
 
