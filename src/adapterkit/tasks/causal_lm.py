@@ -36,6 +36,7 @@ from adapterkit.tasks.generation import (
     pad_prompts,
     trim_padding,
 )
+from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
 from adapterkit.tasks.registry import register_task
 from adapterkit.tasks.text_metrics import bleu_chrf, exact_match, perplexity
 
@@ -175,6 +176,8 @@ class CausalLMTask(Task):
 
     def loss(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         # No KV cache: a cache would switch off transformers' packed-sequence masking.
+        if uses_chunked_lm_loss(model) and model.training and torch.is_grad_enabled():
+            return chunked_lm_loss(model, self._model_inputs(batch, labels=False), batch["labels"])
         return model(**self._model_inputs(batch), use_cache=False).loss
 
     def infer(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[Generation]:

@@ -29,6 +29,7 @@ from transformers.cache_utils import Cache
 
 from adapterkit.errors import UsageError
 from adapterkit.runtime.blocks import transformer_blocks
+from adapterkit.tasks.lm_loss import enable_chunked_lm_loss
 
 MARK = "_adapterkit_checkpointed"
 
@@ -36,8 +37,10 @@ MARK = "_adapterkit_checkpointed"
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute every transformer block's activations in the backward (non-reentrant), for any method.
 
-    Applies in training mode with gradients on; evaluation and generation run
-    the blocks as they are. Calling it twice changes nothing.
+    A causal LM's training loss is also computed in chunks of tokens without
+    the full logits (``tasks/lm_loss.py``). Applies in training mode with
+    gradients on; evaluation and generation run the blocks as they are.
+    Calling it twice changes nothing.
 
     Raises:
         UsageError: no transformer blocks were found to checkpoint.
@@ -47,6 +50,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise UsageError(f"{type(model).__name__} has no transformer blocks adapterkit can checkpoint "
                          "(no GradientCheckpointingLayer or _no_split_modules); train without "
                          "--gradient-checkpointing")
+    enable_chunked_lm_loss(model)
     for block in blocks:
         if not block.__dict__.get(MARK):
             block.forward = functools.partial(_checkpointed_forward, block, block.forward)
