@@ -83,8 +83,44 @@ def quantize_model(model: nn.Module, scheme: str) -> Quantization:
         info = _int8(model, paths)
     else:
         info = _four_bit(model, paths, scheme)
+    _own_float_tensors(model)
+    _return_freed_memory()
     setattr(model, QUANTIZATION_ATTR, info)
     return info
+
+
+def _return_freed_memory() -> None:
+    """Hand the float weights' freed heap memory back to the system (glibc keeps it otherwise); best effort."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+def _own_float_tensors(model: nn.Module) -> None:
+    """Copy the tensors left in float (embeddings, norms, head) out of the checkpoint file's memory map.
+
+    transformers loads weights as views of the memory-mapped safetensors file; the pages a
+    view was read from stay resident while any view of the file lives. Quantising reads every
+    weight, so without this the float checkpoint would stay in memory beside its quantised copy.
+    Tied parameters stay tied (the Parameter object is shared; its data is replaced once).
+    """
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for tensors in (module._parameters, module._buffers):
+                for key, tensor in tensors.items():
+                    if tensor is None or id(tensor) in seen or not tensor.is_floating_point() or _is_torchao(tensor):
+                        continue
+                    seen.add(id(tensor))
+                    if type(tensor) is nn.Parameter:
+                        tensor.data = tensor.data.clone()
+                    elif type(tensor) is torch.Tensor:
+                        tensors[key] = tensor.clone()
 
 
 def quantizable_linears(model: nn.Module) -> list[str]:
