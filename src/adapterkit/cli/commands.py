@@ -10,7 +10,7 @@ from __future__ import annotations
 import json as json_lib
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from adapterkit.core.registry import method_choices
 from adapterkit.data import read_texts
@@ -22,6 +22,11 @@ from adapterkit.evaluate.base_model import evaluate_base_model
 from adapterkit.evaluate.compare import format_comparison
 from adapterkit.models import adapter_info, load_with_adapter
 from adapterkit.tasks import get_task, task_name_for_model
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from adapterkit.core.plan import Plan
 
 # The methods a user can name: whatever the registry holds, by its shortest name.
 Method = Literal[tuple(method_choices())]  # type: ignore[valid-type]
@@ -303,6 +308,28 @@ def info(adapter: Path, json: bool = False) -> int:
     return 0
 
 
+def _export_quantized(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, output: Path, folded: Plan,
+                      overwrite: bool) -> int:
+    """``export --quantize``: merge into the quantised base, write it quantised, print what requantising cost."""
+    from adapterkit.core.plan import describe
+    from adapterkit.export.hf_folder import export_quantized
+
+    written, report = export_quantized(model, tokenizer, output, plan=folded, overwrite=overwrite)
+    requant, probe = report["requantization"], report["probe"]
+    print(f"exported:  {written}")
+    print(f"plan:      {describe(folded)} folded into the quantised weights")
+    if requant is None:
+        print("requantised: no quantised weight changed (the plan touches only float layers)")
+    else:
+        print(f"requantised: {requant['layers']} layers; relative error of the stored merged weights "
+              f"mean {requant['mean_relative_error']:.2%}, max {requant['max_relative_error']:.2%}")
+    print(f"probe batch: outputs moved by at most {probe['max_abs_change']:.3g} "
+          f"({probe['max_relative_change']:.2%} of their largest value) from the unmerged adapter")
+    print(f"model:     {type(model).__name__}, quantised (bitsandbytes format); load it with transformers' "
+          f"from_pretrained({str(written)!r}) with bitsandbytes installed")
+    return 0
+
+
 def export(
     *,
     adapter: list[Path],
@@ -311,6 +338,7 @@ def export(
     format: Literal["hf", "gguf"] | None = None,
     overwrite: bool = False,
     dtype: Literal["fp32", "bf16"] | None = None,
+    quantize: Literal["int8", "nf4", "fp4"] | None = None,
 ) -> int:
     """Export trained adapters merged into their base as a Hugging Face model folder that plain
     transformers loads (or a LoRA adapter as a llama.cpp GGUF file).
@@ -326,6 +354,8 @@ def export(
         overwrite: replace what is already at --output (kept whole until the new export is complete).
         dtype: write the merged model in fp32 or bf16 (default: the base's own dtype); an adapter trained on
             a quantised base is merged into its float base, which is what most users want.
+        quantize: merge into the base quantised in int8, nf4 or fp4 (dequantise, add, requantise) and write
+            a folder that stays quantised (transformers' bitsandbytes format); prints the requantisation error.
     """
     from adapterkit.core.plan import describe
     from adapterkit.export.hf_folder import check_output, export_merged, load_adapters, plan_for, read_plan
@@ -343,8 +373,12 @@ def export(
               f"for its base model converted with llama.cpp's convert_hf_to_gguf.py)")
         return 0
     given = read_plan(plan) if plan is not None else None
-    model, tokenizer, names = load_adapters(adapter)
+    if quantize is not None and dtype is not None:
+        raise UsageError(f"--quantize {quantize} writes a quantised folder and --dtype {dtype} a float one: give one")
+    model, tokenizer, names = load_adapters(adapter, quantize=quantize)
     folded = plan_for(names, given)
+    if quantize is not None:
+        return _export_quantized(model, tokenizer, output, folded, overwrite)
     import torch
 
     chosen_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype) if dtype else None

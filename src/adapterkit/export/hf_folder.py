@@ -15,6 +15,7 @@ previous folder, untouched; an existing folder is replaced only when asked.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.core.atomic import atomic_folder
-from adapterkit.core.lifecycle import list_adapters
+from adapterkit.core.lifecycle import list_adapters, use
 from adapterkit.core.merged import merge_and_unload
 from adapterkit.core.plan import Plan, PlanLike, plan_from_dict
 from adapterkit.errors import UsageError, UserError
@@ -91,6 +92,51 @@ def export_merged(
         merged = merged.to(dtype)
     _write(merged, tokenizer, destination)
     return destination
+
+
+def export_quantized(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    output: str | os.PathLike[str],
+    plan: PlanLike | Plan = None,
+    overwrite: bool = False,
+) -> tuple[Path, dict]:
+    """Fold ``plan`` into a model whose base is quantised, requantise, and write a folder that stays quantised.
+
+    The folder is in transformers' bitsandbytes format (``export/quantized_folder.py``):
+    ``from_pretrained`` loads it quantised, no adapterkit needed. ``model`` is changed in
+    place, as by :func:`adapterkit.merge_and_unload`.
+
+    Returns:
+        The folder written, and what merging cost: ``requantization`` (layers, mean and max
+        relative error of the stored merged weights, see ``requantization_report``) and
+        ``probe`` (the largest change of the outputs on a fixed probe batch between the adapter
+        computed beside the quantised base and the requantised merged weights).
+
+    Raises:
+        UsageError: the base is not quantised, or as :func:`export_merged`.
+        MergeError: as :func:`export_merged`.
+    """
+    from adapterkit.export.quantized_folder import output_change, probe_outputs, write_quantized
+    from adapterkit.models.quantize import model_quantization, requantization_report
+
+    if model_quantization(model) is None:
+        raise UsageError("export_quantized needs a quantised base (load_model(..., quantize=...)); "
+                         "export_merged writes a float folder")
+    if tokenizer is None:
+        raise UsageError("export_quantized needs the tokenizer (for its probe batch, and to write beside the model)")
+    source = getattr(model, "adapterkit_source", None) or {}
+    destination = check_output(output, overwrite, sources=[source["path"]] if source.get("path") else [])
+    if destination.exists() and not destination.is_dir():
+        raise UsageError(f"cannot write a model folder to {destination}: it is a file; give a folder path")
+    requantization_report(model)  # forget earlier writes: the report covers this merge only
+    with contextlib.nullcontext() if plan is None else use(model, plan):  # None: the active adapters
+        before = probe_outputs(model, tokenizer)
+    merged = merge_and_unload(model, plan)
+    report = {"requantization": requantization_report(model),
+              "probe": output_change(before, probe_outputs(merged, tokenizer))}
+    write_quantized(merged, tokenizer, destination)
+    return destination, report
 
 
 def _write(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, destination: Path) -> None:
@@ -177,8 +223,9 @@ def plan_for(names: Sequence[str], plan: Plan | str | None) -> Plan | str:
 
 def load_adapters(
     folders: Sequence[str | os.PathLike[str]],
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, list[str]]:
-    """Load the base model of the first adapter folder, then every adapter onto it.
+    """Load the base model of the first adapter folder (quantised in ``quantize`` if given), then every adapter.
 
     The adapters must share the base model (each load checks its fingerprint),
     the task, and for classification tasks the label names, because one folder
@@ -196,7 +243,7 @@ def load_adapters(
 
     if not folders:
         raise UsageError("give at least one adapter folder (--adapter DIR)")
-    model, tokenizer, first = load_with_adapter(folders[0])
+    model, tokenizer, first = load_with_adapter(folders[0], quantize=quantize)
     names = list_adapters(model)
     for folder in folders[1:]:
         metadata = adapter_metadata(folder)
