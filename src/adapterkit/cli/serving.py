@@ -63,7 +63,7 @@ def serve(
         batching: mixed (requests for any adapters share each step), same-adapter or single (for comparisons).
         device: where the model runs: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps.
         task: the base's task when neither the adapters nor the model's config say.
-        quantize: store the base's linear layers as int8, nf4 or fp4 (generative models).
+        quantize: store the base's linear layers as int8, nf4 or fp4 (an encoder server's task models share them).
     """
     import os
 

@@ -134,12 +134,14 @@ class EncoderHost:
         max_length: tokens per input; default 512 (384 per window for QA), at
             most the model's position table. Longer classification inputs are
             truncated; longer NER sentences and QA contexts become windows.
+        quantize: store the encoder's linear layers as ``int8``, ``nf4`` or ``fp4``
+            (``models/quantize.py``); the task models still share one copy of them.
     """
 
     kind = "encoder"  # which kind of host the HTTP layer talks to
 
     def __init__(self, model: str, *, device: str = "cpu", max_batch: int = 64,
-                 max_length: int | None = None) -> None:
+                 max_length: int | None = None, quantize: str | None = None) -> None:
         if max_batch < 1:
             raise UsageError(f"max_batch must be 1 or more, got {max_batch}")
         path = resolve_model_path(model)  # an unknown alias or missing folder fails now, not at the first load
@@ -149,6 +151,7 @@ class EncoderHost:
         self.device = resolve_device(device)
         self.max_batch = max_batch
         self.max_length = max_length
+        self.quantize = quantize
         self.lock = threading.RLock()
         self.task_models: dict[tuple[str, int | None], TaskModel] = {}
         self._pool: dict[str, torch.Tensor] = {}
@@ -250,7 +253,9 @@ class EncoderHost:
         if slot is not None:
             return slot
         num_labels = head_size if task in LABELLED_TASKS and not labels else None
-        model, tokenizer = load_model(self.base_name, task=task, labels=labels, num_labels=num_labels)
+        # quantised (each task model once, as it loads), then its base tensors replaced by the pool's
+        model, tokenizer = load_model(self.base_name, task=task, labels=labels, num_labels=num_labels,
+                                      device=str(self.device) if self.quantize else None, quantize=self.quantize)
         model.to(self.device).eval()
         if self.device.type != "cpu":  # the tasks collate on the CPU
             model.register_forward_pre_hook(_inputs_to(self.device), with_kwargs=True)

@@ -16,15 +16,11 @@ def build_host(config: ServerConfig, metrics: ServerMetrics) -> Any:
     """The generative host (causal LM / seq2seq) or the encoder host, with the start-up adapters loaded."""
     task = server_task(config.model, config.adapters, config.task)
     if task == "encoder":
-        if config.quantize is not None:
-            from adapterkit.errors import UsageError
-
-            raise UsageError("--quantize serves generative models (causal-lm, seq2seq) for now; an encoder "
-                             "server shares one float copy of the encoder across its task models")
         from adapterkit.serve.encoder import EncoderHost
         from adapterkit.serve.encoder_batching import EncoderBatcher
 
-        host: Any = EncoderHost(config.model, device=config.device, max_batch=config.max_batch)
+        host: Any = EncoderHost(config.model, device=config.device, max_batch=config.max_batch,
+                                quantize=config.quantize)
         host.batcher = EncoderBatcher(host, max_batch=config.max_batch, max_queue=config.max_queue,
                                       on_batch=lambda kind, size, adapters: metrics.observe_batch(
                                           kind, size, len(set(adapters))))
