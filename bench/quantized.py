@@ -1,6 +1,6 @@
 """LoRA on a quantised frozen base: peak training memory and speed against PEFT + bitsandbytes, and load time.
 
-    python bench/quantized.py [--schemes fp32 int8 nf4] [--steps 4] [--skip-peft]
+    python bench/quantized.py [--schemes fp32 int8 nf4] [--steps 4] [--skip-peft] [--checkpointing off|on|both]
 
 SmolLM2-135M causal LM, LoRA r8 on q/k/v/o, batch 8, length 256, AdamW, the
 same random batch for every run. Each (scheme, library) runs in a fresh
@@ -9,10 +9,15 @@ after one warm-up step. adapterkit quantises with ``load_model(...,
 quantize=...)`` (int8: torchao; nf4: bitsandbytes with double quantisation);
 PEFT gets transformers' ``BitsAndBytesConfig`` (4-bit nf4 with double
 quantisation and float32 compute; 8-bit LLM.int8 for int8), the setting its
-QLoRA guide documents, and ``prepare_model_for_kbit_training`` is left out
-for both (it casts norms to float32 and turns on checkpointing, which would
-measure something else). Goals: nf4 peak memory <= 0.45x float32's, int8
-<= 0.65x; tokens/s >= PEFT's at the same scheme.
+QLoRA guide documents; ``prepare_model_for_kbit_training`` is left out (it
+casts norms to float32, which they already are, and turns checkpointing on,
+which the checkpointing rows do explicitly). Every configuration runs without
+and with gradient checkpointing (adapterkit: ``--gradient-checkpointing``,
+blocks plus the chunked causal-LM loss; PEFT: transformers' non-reentrant
+checkpointing). Memory is reported as the whole process's peak RSS and as the
+peak above the RSS once torch, transformers, PEFT and the backends are
+imported (what training itself adds). Goals: nf4 peak memory <= 0.45x
+float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same scheme.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ BATCH, LENGTH = 8, 256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def build(scheme: str, library: str) -> tuple[torch.nn.Module, float]:
+def build(scheme: str, library: str, checkpointing: bool) -> tuple[torch.nn.Module, float]:
     """The model ready to train and the seconds its loading (and quantising) took."""
     start = time.perf_counter()
     if library == "adapterkit":
@@ -41,6 +46,10 @@ def build(scheme: str, library: str) -> tuple[torch.nn.Module, float]:
         model, _ = ak.load_model("smollm2-135m", task="causal-lm", quantize=None if scheme == "fp32" else scheme)
         loaded = time.perf_counter() - start
         ak.add_adapter(model, "bench", ak.LoraConfig(rank=8, alpha=16, targets=TARGETS))
+        if checkpointing:  # what --gradient-checkpointing does: the blocks, and the loss in chunks
+            from adapterkit.train.memory import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         return model.train(), loaded
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -57,25 +66,44 @@ def build(scheme: str, library: str) -> tuple[torch.nn.Module, float]:
                                                  quantization_config=quantization, device_map="cpu",
                                                  dtype=torch.float32)
     loaded = time.perf_counter() - start
+    if checkpointing:  # PEFT's documented route: transformers' checkpointing, non-reentrant
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                                                        task_type="CAUSAL_LM"))
     return model.train(), loaded
 
 
-def worker(scheme: str, library: str, steps: int) -> None:
+def loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The training loss as adapterkit's causal-LM task computes it (chunked when checkpointing)."""
+    from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
+
+    if uses_chunked_lm_loss(model):
+        return chunked_lm_loss(model, {"input_ids": ids}, ids)
+    return model(input_ids=ids, labels=ids).loss
+
+
+def worker(scheme: str, library: str, steps: int, checkpointing: bool) -> None:
+    import bitsandbytes  # noqa: F401  every library imported first: the baseline holds them all
+    import peft  # noqa: F401
+    import torchao  # noqa: F401
+
+    import adapterkit  # noqa: F401
+
     torch.manual_seed(0)
+    before = common.PeakRSS.current()  # torch, transformers and the backends imported
     with common.PeakRSS() as rss:
-        model, loaded = build(scheme, library)
+        model, loaded = build(scheme, library, checkpointing)
         ids = torch.randint(5, model.config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss(model, ids).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
-    print(json.dumps({"peak_rss_mib": rss.peak, "tokens_per_s": BATCH * LENGTH / statistics.median(times[1:]),
+    print(json.dumps({"peak_rss_mib": rss.peak, "above_imports_mib": rss.peak - before,
+                      "tokens_per_s": BATCH * LENGTH / statistics.median(times[1:]),
                       "load_s": loaded}))
 
 
@@ -84,35 +112,42 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=["fp32", "int8", "nf4"], choices=["fp32", "int8", "nf4"])
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--skip-peft", action="store_true")
-    parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
+                        help="gradient checkpointing (adapterkit: blocks + chunked loss; PEFT: transformers')")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], int(args.worker[2]))
+        worker(args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3] == "on")
         return
     print(common.machine())
     libraries = ["adapterkit"] + ([] if args.skip_peft else ["peft"])
-    results: dict[tuple[str, str], dict] = {}
-    for scheme in args.schemes:
-        for library in libraries:
-            try:
-                results[scheme, library] = common.run_isolated(__file__, ["--worker", scheme, library, str(args.steps)])
-            except Exception as err:  # a peer that cannot run this scheme here is reported, not fatal
-                text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
-                results[scheme, library] = {"error": text[-1][:160]}
-            print(scheme, library, results[scheme, library], flush=True)
-    base = results.get(("fp32", "adapterkit"), {}).get("peak_rss_mib")
+    settings = ["off", "on"] if args.checkpointing == "both" else [args.checkpointing]
+    results: dict[tuple[str, str, str], dict] = {}
+    for ckpt in settings:
+        for scheme in args.schemes:
+            for library in libraries:
+                key = (scheme, library, ckpt)
+                try:
+                    results[key] = common.run_isolated(__file__, ["--worker", scheme, library, str(args.steps), ckpt])
+                except Exception as err:  # a peer that cannot run this scheme here is reported, not fatal
+                    text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
+                    results[key] = {"error": text[-1][:160]}
+                print(key, results[key], flush=True)
+    plain_base = results.get(("fp32", "adapterkit", "off"), {})
     rows = []
-    for (scheme, library), r in results.items():
+    for (scheme, library, ckpt), r in results.items():
         if "error" in r:
-            rows.append([scheme, library, "-", "-", "-", "-", r["error"]])
+            rows.append([ckpt, scheme, library] + ["-"] * 6 + [r["error"]])
             continue
-        peer = results.get((scheme, "peft"), {})
-        rows.append([scheme, library, f"{r['peak_rss_mib']:.0f}",
-                     f"{r['peak_rss_mib'] / base:.3f}" if base else "-", f"{r['tokens_per_s']:.0f}",
-                     f"{r['tokens_per_s'] / peer['tokens_per_s']:.3f}" if "tokens_per_s" in peer else "-",
-                     f"{r['load_s']:.1f}"])
-    print(common.table(["scheme", "library", "peak RSS MiB", "vs adapterkit fp32", "tokens/s", "vs PEFT same scheme",
-                        "load s"], rows))
+        base = results.get(("fp32", "adapterkit", ckpt), {})
+        peer = results.get((scheme, "peft", ckpt), {})
+        ratio = lambda a, b, key: f"{a[key] / b[key]:.3f}" if key in b else "-"  # noqa: E731
+        rows.append([ckpt, scheme, library, f"{r['peak_rss_mib']:.0f}", ratio(r, base, "peak_rss_mib"),
+                     f"{r['above_imports_mib']:.0f}", ratio(r, base, "above_imports_mib"),
+                     ratio(r, plain_base, "above_imports_mib"), f"{r['tokens_per_s']:.0f}",
+                     ratio(r, peer, "tokens_per_s"), f"{r['load_s']:.1f}"])
+    print(common.table(["checkpointing", "scheme", "library", "peak RSS MiB", "vs ak fp32", "above imports MiB",
+                        "vs ak fp32", "vs ak fp32 no ckpt", "tokens/s", "vs PEFT same scheme", "load s"], rows))
 
 
 if __name__ == "__main__":
