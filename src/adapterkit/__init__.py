@@ -11,10 +11,11 @@ from adapterkit.methods import __all__ as _methods_all
 from adapterkit import evaluate, train  # noqa: E402
 from adapterkit.data import load_data  # noqa: E402
 from adapterkit.evaluate import predict  # noqa: E402
+from adapterkit.analysis import analyze  # noqa: E402
 from adapterkit.models import load_model  # noqa: E402
 from adapterkit.train import TrainConfig, TrainResult  # noqa: E402
 
-_workflow_all = ["load_model", "load_data", "train", "TrainConfig", "TrainResult", "evaluate", "predict"]
+_workflow_all = ["load_model", "load_data", "train", "TrainConfig", "TrainResult", "evaluate", "predict", "analyze"]
 
 __version__ = "0.1.0"
 __all__ = [*_core_all, *_methods_all, *_workflow_all]

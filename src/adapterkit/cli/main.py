@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from adapterkit.cli import commands, generation, serving
+from adapterkit.cli import analysis, commands, generation, serving
 
 COMMANDS: dict[str, Callable[..., int]] = {
     "train": commands.train,
@@ -17,6 +17,7 @@ COMMANDS: dict[str, Callable[..., int]] = {
     "chat": generation.chat,
     "export": commands.export,
     "serve": serving.serve,
+    "analyze": analysis.analyze,
 }
 
 def _quiet_broken_pipe() -> None:

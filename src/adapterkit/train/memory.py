@@ -97,3 +97,20 @@ def _restore_cache(cache: Any, state: tuple[list[list[dict[str, Any]]], dict | N
     if updated is not None:
         cache.is_updated.clear()
         cache.is_updated.update(updated)
+
+
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MiB: ``peak_rss_mib`` (the whole process, loading included,
+    where the OS reports it) and ``peak_cuda_mib`` (the most CUDA memory torch allocated) when CUDA was used."""
+    peaks: dict[str, float] = {}
+    try:
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peaks["peak_rss_mib"] = round(rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024, 1)
+    except (ImportError, OSError):  # no resource module (Windows)
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peaks
