@@ -119,3 +119,13 @@ def test_dora_update_is_merged_minus_base_and_other_methods_have_none():
     other = tiny_bert(layers=2)
     ak.add_adapter(other, "i", ak.IA3Config())
     assert weight_update_report(other, "i") is None
+
+
+def test_a_merged_adapter_is_refused_with_the_fix():
+    model = tiny_bert(layers=1)
+    ak.add_adapter(model, "m", ak.LoraConfig(rank=2, alpha=4, targets=["query"]))
+    ak.merge(model, "m")
+    with pytest.raises(ak.errors.UsageError, match="unmerge"):
+        ak.analyze(model, "m")
+    ak.unmerge(model, "m")
+    assert ak.analyze(model, "m")["updates"]["modules"][0]["layer"] == 0

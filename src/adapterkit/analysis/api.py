@@ -61,14 +61,18 @@ def _tokenizer_of(model: nn.Module) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def _data(model: nn.Module, data: Any, split: str, max_examples: int | None) -> TaskData:
+def _data(model: nn.Module, data: Any, split: str, max_examples: int | None,
+          columns: dict[str, str] | None = None) -> TaskData:
     from adapterkit.data import load_data
     from adapterkit.evaluate.api import model_labels
 
     task = _task_name(model)
+    if task is None:
+        raise UsageError("analysing with data needs a model loaded for a task (ak.load_model(..., task=...)); "
+                         f"this {type(model).__name__} has no task head")
     labels = model_labels(model)
     if not isinstance(data, TaskData):
-        data = load_data(data, task=task, split=split, labels=labels)
+        data = load_data(data, task=task, split=split, labels=labels, **(columns or {}))
     from adapterkit.tasks import get_task
 
     data = get_task(task).relabel(data, labels)
@@ -103,7 +107,7 @@ def analyze(model: nn.Module, name: str, data: Any = None, compare: str | os.Pat
             ablate: bool = False, *, tokenizer: PreTrainedTokenizerBase | None = None,
             output: str | os.PathLike | None = None, split: str = "validation", max_examples: int | None = None,
             batch_size: int = 64, max_length: int | None = None, adapter_dir: str | os.PathLike | None = None,
-            baseline_run: str | os.PathLike | None = None) -> dict[str, Any]:
+            baseline_run: str | os.PathLike | None = None, columns: dict[str, str] | None = None) -> dict[str, Any]:
     """What adapter ``name`` of ``model`` learned, where, and what it cost.
 
     Args:
@@ -122,6 +126,7 @@ def analyze(model: nn.Module, name: str, data: Any = None, compare: str | os.Pat
         batch_size / max_length: inference batching and input length (default: the task's for the data).
         adapter_dir: the folder the adapter was loaded from: its file size, and its run folder's training figures.
         baseline_run: a run folder of another training of the same task (full fine-tuning) to set the cost beside.
+        columns: column names for reading ``data`` (``{"text_column": "sentence"}``), as ``load_data`` takes them.
 
     Returns:
         A JSON-ready dict: ``adapter``, ``method``, ``task``, ``config``, ``updates`` (weight-update methods),
@@ -132,6 +137,11 @@ def analyze(model: nn.Module, name: str, data: Any = None, compare: str | os.Pat
         raise UnknownNameError(f"no adapter {name!r} on this model; it has {list_adapters(model)}")
     if ablate and data is None:
         raise UsageError("--ablate re-evaluates the task metric, so it needs --data (labelled examples)")
+    from adapterkit.core.layers import adapter_layers
+
+    if any(name in layer.merged_adapters for _, layer in adapter_layers(model)):
+        raise UsageError(f"adapter {name!r} is merged into the base weights, where it cannot be told apart from "
+                         f"them; ak.unmerge(model, {name!r}) first")
     config = get_adapter_config(model, name)
     from adapterkit.models.loading import model_source
 
@@ -150,8 +160,8 @@ def analyze(model: nn.Module, name: str, data: Any = None, compare: str | os.Pat
             _progress("subspace similarity")
             report["compare"] = _with_other(model, name, compare)
         if data is not None:
-            report.update(_with_data(model, name, tokenizer, data, split, max_examples, batch_size, max_length,
-                                     ablate))
+            report.update(_with_data(model, name, tokenizer, _data(model, data, split, max_examples, columns),
+                                     batch_size, max_length, ablate))
     report["cost"] = cost_report(model, name, Path(adapter_dir) if adapter_dir else None,
                                  Path(baseline_run) if baseline_run else None)
     if output is not None:
@@ -187,8 +197,8 @@ def _with_other(model: nn.Module, name: str, compare: str | os.PathLike) -> dict
         set_active(model, before)
 
 
-def _with_data(model: nn.Module, name: str, tokenizer: PreTrainedTokenizerBase, data: Any, split: str,
-               max_examples: int | None, batch_size: int, max_length: int | None, ablate: bool) -> dict[str, Any]:
+def _with_data(model: nn.Module, name: str, tokenizer: PreTrainedTokenizerBase, examples: TaskData,
+               batch_size: int, max_length: int | None, ablate: bool) -> dict[str, Any]:
     from adapterkit.tasks import get_task
 
     name_of_task = _task_name(model)
@@ -197,7 +207,6 @@ def _with_data(model: nn.Module, name: str, tokenizer: PreTrainedTokenizerBase, 
                          f"this {type(model).__name__} has no task head")
     view = task_view(name_of_task)
     task = get_task(name_of_task)
-    examples = _data(model, data, split, max_examples)
     length = max_length or task.default_lengths(examples, tokenizer, model)["max_length"]
     _progress(f"behaviour on {len(examples.examples)} examples")
     runs = both_predictions(model, tokenizer, task, examples, name, length, batch_size)

@@ -37,14 +37,15 @@ def layer_blocks(model: nn.Module) -> list[nn.Module]:
 
     ``transformer_blocks`` may also list one-off modules a model declares
     unsplittable (BERT's embeddings); only block classes that occur more than
-    once count as layers.
+    once count as layers (in a one-layer model, every block but the embeddings).
     """
     from collections import Counter
 
     blocks = transformer_blocks(model)
     counts = Counter(type(b) for b in blocks)
     repeated = [b for b in blocks if counts[type(b)] > 1]
-    return repeated or blocks
+    # a one-layer model repeats nothing: then only the embeddings are left out
+    return repeated or [b for b in blocks if not type(b).__name__.endswith("Embeddings")] or blocks
 
 
 def block_paths(model: nn.Module) -> list[str]:

@@ -15,6 +15,8 @@ def analyze(
     output: Path,
     data: str | None = None,
     split: str = "validation",
+    text_column: str | None = None,
+    label_column: str | None = None,
     compare: Path | None = None,
     ablate: bool = False,
     baseline_run: Path | None = None,
@@ -33,6 +35,8 @@ def analyze(
         data: labelled examples (a file or a built-in data set name): where the adapter changes predictions and
             hidden states; needed by --ablate.
         split: split of a built-in data set.
+        text_column: column of --data with the text (default: as in training).
+        label_column: column of --data with the label (default: as in training).
         compare: a second adapter folder of the same base: subspace similarity of the two updates per module.
         ablate: re-evaluate the task metric without the adapter in each layer, and below / above each cut, with
             bootstrap intervals.
@@ -56,11 +60,13 @@ def analyze(
     if ablate and data is None:
         raise UsageError("--ablate re-evaluates the task metric, so it needs --data (labelled examples)")
     apply_threads(threads)
-    model, tokenizer, _ = load_with_adapter(adapter, device=device)
+    model, tokenizer, metadata = load_with_adapter(adapter, device=device)
     name = active_adapters(model)[0]
+    chosen = {k: v for k, v in {"text_column": text_column, "label_column": label_column}.items() if v}
+    columns = {**metadata.get("columns", {}), **chosen}
     report = analyze_adapter(model, name, data=data, compare=compare, ablate=ablate, tokenizer=tokenizer,
                              output=output, split=split, max_examples=max_examples, batch_size=batch_size,
-                             max_length=max_length, adapter_dir=adapter, baseline_run=baseline_run)
+                             max_length=max_length, adapter_dir=adapter, baseline_run=baseline_run, columns=columns)
     print(f"report:   {report['files']['report']}")
     print(f"numbers:  {report['files']['json']}")
     pictures = [Path(v).name for k, v in report["files"].items() if k not in ("report", "json")]
