@@ -47,7 +47,7 @@ def _heatmap(ax: Any, layers: list[int], modules: list[str], grid: np.ndarray, t
 
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     _pyplot().close(fig)
     return path
 
@@ -111,7 +111,7 @@ def plot_subspace_similarity(entries: list[dict[str, Any]], path: Path, limit: i
     fig.tight_layout()
     if image is not None:
         fig.colorbar(image, ax=list(axes.flat), fraction=0.02, pad=0.02, label="φ(i, j)")
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
