@@ -1,8 +1,8 @@
 """What an adapter cost: its parameters and file, and, from its run folder, its training.
 
 A run folder (what ``adapterkit train`` writes) holds ``metrics.jsonl`` (the
-logged training speed) and ``adapter/adapterkit.json`` (steps, wall time and
-peak memory of the training). ``baseline`` is another run of the same task,
+logged training speed and, in its last ``"run"`` record, the wall time and
+peak memory of the training) and ``adapter/adapterkit.json`` (steps, epochs). ``baseline`` is another run of the same task,
 full fine-tuning for instance: an adapterkit run folder or a transformers
 ``Trainer`` output folder; it is set beside this one with the ratios.
 """
@@ -62,11 +62,15 @@ def training_figures(run: Path) -> dict[str, Any]:
         values = [r[key] for r in train if isinstance(r.get(key), (int, float))]
         if values:
             figures[key] = statistics.median(values)
+    ends = [r for r in records if r.get("split") == "run"]  # logged when training finished
+    for key in ("wall_time_s", "peak_rss_mib", "peak_cuda_mib"):
+        if ends and key in ends[-1]:
+            figures[key] = ends[-1][key]
     for folder in (run / "adapter", run):
         if (folder / METADATA_FILE).is_file():
             metadata = json.loads((folder / METADATA_FILE).read_text())
             training = metadata.get("training", {})
-            for key in ("steps", "epochs", "wall_time_s", "peak_rss_mib", "peak_cuda_mib"):
+            for key in ("steps", "epochs"):
                 if key in training:
                     figures[key] = training[key]
             if "num_parameters" in metadata:

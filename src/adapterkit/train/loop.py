@@ -31,7 +31,7 @@ from adapterkit.train.checkpoint import LoopState, load_trainable_state, write_t
 from adapterkit.train.checkpointing import Restored, Trainer, evaluate_and_checkpoint, restore
 from adapterkit.train.config import TrainConfig, resolve_defaults
 from adapterkit.train.fingerprint import run_fingerprint
-from adapterkit.train.memory import enable_gradient_checkpointing
+from adapterkit.train.memory import enable_gradient_checkpointing, peak_memory
 from adapterkit.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from adapterkit.train.plots import plot_training_curve
 from adapterkit.train.records import MetricsLog
@@ -143,6 +143,8 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
                   f"{config.batch_size * prepared.micro_batches_per_step} examples per step; {runtime.describe()}")
     try:
         _steps(model, wrapped, tokenizer, prepared, eval_data, config, state, restored, trainer, folder, log, bar)
+        # what the run cost, beside its metrics (not in the adapter's files, which stay reproducible)
+        log.log("run", state.step, {"wall_time_s": time.perf_counter() - started, **peak_memory()})
     finally:
         bar.close()
         log.close()

@@ -14,7 +14,6 @@ from adapterkit.errors import UserError
 from adapterkit.models.loading import model_source
 from adapterkit.train.checkpoint import LoopState, find_checkpoint
 from adapterkit.train.config import TrainConfig
-from adapterkit.train.memory import peak_memory
 from adapterkit.train.records import scalar_metrics
 
 if TYPE_CHECKING:
@@ -88,8 +87,7 @@ def adapter_metadata(model: nn.Module, data: TaskData, config: TrainConfig, resu
         **({"max_target_length": config.max_target_length} if config.max_target_length else {}),
         "metrics": {"validation": scalar_metrics(result.metrics)} if result.metrics else {},
         "training": {"steps": result.step, "epochs": round(result.epochs, 4), "seed": config.seed,
-                     "lr": config.lr, "batch_size": config.batch_size,
-                     "wall_time_s": round(result.wall_time_s, 2), **peak_memory()},
+                     "lr": config.lr, "batch_size": config.batch_size},
     }
 
 
