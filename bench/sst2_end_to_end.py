@@ -1,12 +1,17 @@
 """SST-2 end to end: adapterkit vs PEFT + Trainer vs full fine-tuning, and every method.
 
     python bench/sst2_end_to_end.py [--train-size 67349] [--seeds 0 1 2] [--methods ...]
+        [--peer-sampling grouped random] [--adapter-layers top:3 top:2]
 
 One epoch over (a seeded sample of) ``../shared/datasets/sst2/train.tsv``,
 accuracy on the full validation set (872 sentences). Wall time counts
 tokenisation and training, not evaluation. All runs use MiniLM, batch 32,
 max length 64, the same threads and float32 (``--precisions`` adds bf16/fp16
 autocast runs of the adapterkit methods, trained and evaluated at that precision).
+The peer is PEFT + ``Trainer`` at its best: length-grouped batches with dynamic
+padding, the same linear schedule with 6% warm-up; every time is also shown as a
+ratio to it. ``--adapter-layers top:K`` adds runs with the adapter in the top K
+blocks only (the backward stops below them).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def read_sst2(name: str, limit: int | None, seed: int) -> list[dict]:
 
 
 def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
-                   precision: str = "fp32", quantize: str | None = None) -> dict:
+                   precision: str = "fp32", quantize: str | None = None, adapter_layers: str | None = None) -> dict:
     factory, lr = METHODS[method]
     model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"], quantize=quantize)
     config = factory()
@@ -68,7 +73,7 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
     start = time.perf_counter()
     ak.train(model, tokenizer, train_data, None, ak.TrainConfig(
         epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
-        num_threads=torch.get_num_threads(), precision=precision))
+        num_threads=torch.get_num_threads(), precision=precision, adapter_layers=adapter_layers))
     seconds = time.perf_counter() - start
     accuracy = ak.evaluate(model, tokenizer, val_data, precision=precision)["accuracy"]
     size = 0
@@ -87,7 +92,8 @@ def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sa
 
     ``sampling="grouped"`` is the peer at its best: ``train_sampling_strategy="group_by_length"``
     (batches of similar lengths, dynamic padding), as a careful user sets it; ``"random"`` is the
-    Trainer's default. Both: linear schedule without warm-up (its default), float32, batch 32.
+    Trainer's default. Both: the schedule adapterkit trains with (linear, 6% warm-up), float32, batch 32,
+    dynamic padding (``DataCollatorWithPadding``).
     """
     import numpy as np
     import peft
@@ -110,7 +116,7 @@ def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sa
         start = time.perf_counter()
         args = TrainingArguments(output_dir=tmp, num_train_epochs=1, per_device_train_batch_size=BATCH,
                                  learning_rate=1e-3, seed=seed, report_to=[], save_strategy="no",
-                                 logging_strategy="no", disable_tqdm=True, use_cpu=True,
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=True, warmup_ratio=0.06,
                                  train_sampling_strategy=PEER_SAMPLING[sampling])
         trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
                           data_collator=DataCollatorWithPadding(tokenizer))
@@ -133,6 +139,8 @@ def main() -> None:
                         help="also train the adapterkit runs on a base stored in these formats")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16", "auto"],
                         help="train and evaluate the adapterkit runs at each of these (autocast; default fp32)")
+    parser.add_argument("--adapter-layers", nargs="+", default=[], metavar="top:K",
+                        help="also train each adapterkit method with its adapter in these blocks only")
     args = parser.parse_args()
     print(common.machine())
     val_rows = read_sst2("validation.tsv", None, 0)
@@ -150,9 +158,11 @@ def main() -> None:
                     name = method if args.precisions == ["fp32"] else f"{method} {precision}"
                     name += "" if scheme == "none" else f" on {scheme} base"
                     quantize = None if scheme == "none" else scheme
-                    results.setdefault(name, []).append(
-                        run_adapterkit(method, train_rows, val_rows, seed, precision, quantize))
-                    print(name, results[name][-1], flush=True)
+                    for layers in [None, *args.adapter_layers]:
+                        label = name if layers is None else f"{name} {layers}"
+                        results.setdefault(label, []).append(
+                            run_adapterkit(method, train_rows, val_rows, seed, precision, quantize, layers))
+                        print(label, results[label][-1], flush=True)
     full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))
     peer_runs = results.get("peft lora + Trainer (grouped)")
     peer_seconds = statistics.mean(r["seconds"] for r in peer_runs) if peer_runs else None

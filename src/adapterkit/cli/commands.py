@@ -67,6 +67,7 @@ def train(
     device: str | None = None,
     precision: Precision | None = None,
     gradient_checkpointing: bool = False,
+    adapter_layers: str | None = None,
     strategy: Strategy | None = None,
     threads: int | None = None,
     quantize: Quantize | None = None,
@@ -104,6 +105,8 @@ def train(
         precision: fp32 (the default), bf16 or fp16 (autocast; fp16 with a gradient scaler), or auto: bf16
             where the hardware runs it natively (docs/benchmarks.md says why it is not the default).
         gradient_checkpointing: recompute activations in the backward (less memory, more time); any method.
+        adapter_layers: top:K puts the adapter in the top K blocks only (bottom:K, or 3,4,5 also work): the
+            backward stops below the lowest one (faster; `adapterkit analyze --ablate` says which K is safe).
         strategy: under torchrun: ddp (the default with several processes) or fsdp (FSDP2, the frozen base
             sharded per transformer block).
         threads: torch threads per process (default: the cores this process may use, shared among the
@@ -123,7 +126,8 @@ def train(
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
         max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output,
         seed=seed, resume=resume or None, overwrite=overwrite or None, device=device, precision=precision,
-        gradient_checkpointing=gradient_checkpointing or None, strategy=strategy, quantize=quantize)
+        gradient_checkpointing=gradient_checkpointing or None, adapter_layers=adapter_layers, strategy=strategy,
+        quantize=quantize)
     result = run(run_config)
     if not _is_main_process():
         return 0  # under torchrun the main process reports

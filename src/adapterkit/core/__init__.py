@@ -12,6 +12,7 @@ from adapterkit.core.lifecycle import (
     delete_adapter,
     get_adapter_config,
     head_parameters,
+    place_in_layers,
     list_adapters,
     merge,
     route,
@@ -50,5 +51,5 @@ __all__ = [
     "save_adapter", "load_adapter", "read_adapter_metadata", "AdapterFileError",
     "MissingAdapterFileError", "BaseModelMismatchError",
     "use", "active_plan", "Plan", "Stack", "Sum", "Average", "Fuse", "Route", "plan_from_dict",
-    "CompositionError", "merge_and_unload", "merge_adapters", "MergeReport",
+    "CompositionError", "merge_and_unload", "merge_adapters", "MergeReport", "place_in_layers",
 ]

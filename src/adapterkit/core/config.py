@@ -67,6 +67,33 @@ def check_choice(config: AdapterConfig, field: str, choices: Sequence[str]) -> N
         )
 
 
+def check_layers(config: AdapterConfig, field: str = "layers") -> None:
+    """Layers are None or a non-empty list of distinct block numbers (kept sorted)."""
+    value = getattr(config, field)
+    if value is None:
+        return
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value):
+        if len(set(value)) == len(value):
+            setattr(config, field, sorted(value))
+            return
+    raise ConfigError(f"{type(config).__name__}.{field} must be None or a non-empty list of distinct block "
+                      f"numbers (0 = the first block), got {value!r}")
+
+
+def peft_layers(data: dict) -> list[int] | None:
+    """PEFT's ``layers_to_transform`` (an int or a list) as a list of block numbers; refuses ``layers_pattern``
+    naming something other than the model's block list, which adapterkit finds on its own."""
+    value = data.get("layers_to_transform")
+    if value is None:
+        return None
+    pattern = data.get("layers_pattern")
+    if pattern not in (None, "", [], "layer", "layers", "h", "block", "blocks"):
+        raise ConfigError(f"PEFT config uses layers_pattern={pattern!r}; adapterkit numbers the blocks of the model's "
+                          "first block list and supports only the usual names (layer, layers, h, block, blocks)")
+    return [value] if isinstance(value, int) else list(value)
+
+
 def check_targets(config: AdapterConfig, field: str = "targets") -> None:
     """Targets are None, a regex string, ``"all-linear"``, or a list of names."""
     value = getattr(config, field)

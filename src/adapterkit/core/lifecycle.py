@@ -303,6 +303,46 @@ def _stored_bytes(param: torch.Tensor) -> int:
     return param.numel() * param.element_size()
 
 
+def place_in_layers(model: nn.Module, name: str, layers: str | Sequence[int]) -> AdapterConfig:
+    """Keep adapter ``name`` only in the blocks ``layers`` (``"top:K"``, ``"bottom:K"``, ``"3,4"`` or numbers).
+
+    Its weights in the other blocks are removed, and its config records the
+    blocks it keeps (``layers``), so it saves and loads (in PEFT too, as
+    ``layers_to_transform``) with that placement. Returns the new config.
+    Raises ``UsageError`` for a method with no per-block placement (prefix and
+    prompt tuning act on the inputs), for a merged adapter, or for an adapter
+    already placed in other blocks.
+    """
+    import dataclasses
+
+    from adapterkit.core.targeting import block_count, block_index, parse_layer_choice
+
+    state = get_state(model)
+    _check_names(state, [name])
+    config = state.configs[name]
+    if "layers" not in {f.name for f in dataclasses.fields(config)}:
+        raise UsageError(f"{config.method} adapters have no per-block placement (they act on the model's inputs "
+                         "or on every block at once); drop the adapter-layers option for them")
+    sites = [(path, layer) for path, layer in adapter_layers(model)
+             if layer.has_adapter(name) and not isinstance(layer, HeadLayer)]
+    if any(name in layer.merged_adapters for _, layer in sites):
+        raise UsageError(f"adapter {name!r} is merged; unmerge it before choosing its layers")
+    count = block_count(model, [path for path, _ in sites])
+    chosen = parse_layer_choice(layers, count) if isinstance(layers, str) else sorted(set(layers))
+    if config.layers is not None and config.layers != chosen:
+        raise UsageError(f"adapter {name!r} is already placed in layers {config.layers}, not {chosen}")
+    for path, layer in sites:
+        index = block_index(model, path)
+        if index not in chosen:  # outside every block (None) as well
+            layer.remove_adapter(name)
+    prune_empty_layers(model)
+    placed = dataclasses.replace(config, layers=chosen)
+    state.configs[name] = placed
+    state.changed()
+    refresh_trainable(model)
+    return placed
+
+
 def _remove(model: nn.Module, name: str, state: AdapterState) -> None:
     config = state.configs.get(name)
     if config is not None:

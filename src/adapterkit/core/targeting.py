@@ -114,3 +114,59 @@ def resolve_targets(
             f"supports only {allowed}. Candidate module names: {_candidates_listing(model, types)}"
         )
     return matched
+
+
+def _block_list(model: nn.Module, path: str) -> tuple[nn.ModuleList, int] | None:
+    """The first ``nn.ModuleList`` on ``path`` and the index ``path`` takes in it."""
+    module: nn.Module = model
+    for part in path.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            return None
+        if isinstance(module, nn.ModuleList) and part.isdigit():
+            return module, int(part)
+        module = child
+    return None
+
+
+def block_index(model: nn.Module, path: str) -> int | None:
+    """The index of the repeated block that holds module ``path``: the number that follows the
+    first ``nn.ModuleList`` on the path (``bert.encoder.layer.3.attention`` -> 3), or ``None``."""
+    found = _block_list(model, path)
+    return None if found is None else found[1]
+
+
+def block_count(model: nn.Module, paths: Sequence[str]) -> int:
+    """How many blocks the lists holding ``paths`` have (the longest, for an encoder-decoder)."""
+    return max([len(found[0]) for found in map(lambda p: _block_list(model, p), paths) if found] or [0])
+
+
+def keep_layers(model: nn.Module, paths: list[str], layers: Sequence[int] | None, method: str) -> list[str]:
+    """``paths`` restricted to the blocks numbered in ``layers`` (PEFT's ``layers_to_transform``); all for None.
+
+    A path outside every block list (a head, the embeddings) is dropped once
+    layers are chosen, as in PEFT.
+    """
+    if layers is None:
+        return paths
+    count = block_count(model, paths)
+    outside = sorted(i for i in layers if not 0 <= i < count)
+    if outside:
+        raise TargetError(f"{method}: layers {outside} do not exist; the model's blocks are numbered 0-{count - 1}")
+    wanted = set(layers)
+    kept = [p for p in paths if block_index(model, p) in wanted]
+    if not kept:
+        raise TargetError(f"{method}: none of the targeted modules is in layers {sorted(wanted)}")
+    return kept
+
+
+def parse_layer_choice(choice: str, count: int) -> list[int]:
+    """The block indices of ``"top:K"`` (the last K of ``count``), ``"bottom:K"`` or ``"3,4,5"``."""
+    kind, _, amount = choice.partition(":")
+    if kind in ("top", "bottom") and amount.isdigit() and 0 < int(amount) <= count:
+        k = int(amount)
+        return list(range(count - k, count)) if kind == "top" else list(range(k))
+    if not amount and all(p.strip().isdigit() for p in choice.split(",")):
+        return sorted({int(p) for p in choice.split(",")})
+    raise TargetError(f"adapter layers {choice!r}: expected top:K or bottom:K with 1 <= K <= {count}, "
+                      "or a comma-separated list of layer numbers")

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from adapterkit.core.architectures import model_type
-from adapterkit.core.config import AdapterConfig
+from adapterkit.core.config import AdapterConfig, check_layers
 from adapterkit.core.base_weight import update_base_tensor
 from adapterkit.core.compose import cached_fold
 from adapterkit.core.layers import (
@@ -37,7 +37,7 @@ from adapterkit.core.layers import (
 from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register
 from adapterkit.core.state import AdapterState
-from adapterkit.core.targeting import LINEAR_TYPES, TargetError, head_paths
+from adapterkit.core.targeting import LINEAR_TYPES, TargetError, head_paths, keep_layers
 
 # Modules whose forward ends by adding ``self.bias`` (broadcast over the last dims).
 BIAS_TYPES: tuple[type, ...] = LINEAR_TYPES + (nn.LayerNorm,)
@@ -45,7 +45,12 @@ BIAS_TYPES: tuple[type, ...] = LINEAR_TYPES + (nn.LayerNorm,)
 
 @dataclass
 class BitFitConfig(AdapterConfig):
-    """BitFit has no settings: every bias of the base model gets a learned offset."""
+    """Every bias of the base model gets a learned offset (in the blocks ``layers`` only, when given)."""
+
+    layers: list[int] | None = None
+
+    def validate(self) -> None:
+        check_layers(self)
 
 
 class BiasOffset(nn.Module):
@@ -130,7 +135,7 @@ class BitFitMethod(Method):
                 "Linear, Conv1D or LayerNorm module outside the task head (Llama- and T5-style models are built "
                 "without biases), so BitFit has nothing to train; use lora or ia3 instead"
             )
-        return paths
+        return keep_layers(model, paths, config.layers, "BitFit")
 
 
 __all__ = ["BitFitConfig", "BitFitLayer", "BitFitMethod"]

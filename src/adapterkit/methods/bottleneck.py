@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapterkit.core.architectures import arch_spec, model_type, modules_in_role
-from adapterkit.core.config import AdapterConfig, check_choice, check_positive
+from adapterkit.core.config import AdapterConfig, check_choice, check_layers, check_positive
 from adapterkit.core.compose import Algebra, CompositionError, cached_fold
 from adapterkit.core.context import PerThread
 from adapterkit.core.layers import (
@@ -45,7 +45,7 @@ from adapterkit.core.layers import (
 from adapterkit.core.plan import Fuse, Plan, Route
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
-from adapterkit.core.targeting import TargetError
+from adapterkit.core.targeting import TargetError, keep_layers
 from adapterkit.errors import WrongTypeError
 
 Placement = Literal["houlsby", "pfeiffer", "parallel"]
@@ -67,8 +67,10 @@ class BottleneckConfig(AdapterConfig):
     placement: Placement = "houlsby"
     reduction_factor: int = 16
     non_linearity: NonLinearity = "relu"
+    layers: list[int] | None = None  # block numbers that get adapters; None: all
 
     def validate(self) -> None:
+        check_layers(self)
         check_choice(self, "placement", get_args(Placement))
         check_positive(self, "reduction_factor")
         check_choice(self, "non_linearity", get_args(NonLinearity))
@@ -305,7 +307,7 @@ class BottleneckMethod(Method):
                 f"{'has none' if arch_spec(model) else 'is not in the table'}; use a method with "
                 "explicit targets (lora, ia3) or add a row to core/architectures.py"
             )
-        return paths
+        return keep_layers(model, paths, config.layers, "bottleneck")
 
     def attach(self, model: nn.Module, name: str, config: AdapterConfig, state: AdapterState) -> None:
         assert isinstance(config, BottleneckConfig)

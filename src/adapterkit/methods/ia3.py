@@ -21,14 +21,14 @@ import torch
 import torch.nn as nn
 
 from adapterkit.core.architectures import arch_spec, modules_in_role, roles_regex
-from adapterkit.core.config import AdapterConfig, ConfigError, check_targets
+from adapterkit.core.config import AdapterConfig, ConfigError, check_layers, check_targets
 from adapterkit.core.base_weight import update_base_tensor
 from adapterkit.core.compose import Algebra, cached_fold, route_groups
 from adapterkit.core.layers import AdapterLayer, MergeError, call_rows, innermost
 from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
-from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
+from adapterkit.core.targeting import LINEAR_TYPES, keep_layers, resolve_targets
 from adapterkit.methods._inplace_scale import scale_output
 
 DEFAULT_ROLES = ("key", "value", "ffn_out")
@@ -48,8 +48,10 @@ class IA3Config(AdapterConfig):
 
     targets: list[str] | str | None = None
     feedforward: list[str] | str | None = None
+    layers: list[int] | None = None  # block numbers that get vectors (PEFT's layers_to_transform); None: all
 
     def validate(self) -> None:
+        check_layers(self)
         check_targets(self)
         ff = self.feedforward
         if isinstance(ff, (list, tuple)) and all(isinstance(v, str) for v in ff):
@@ -304,7 +306,8 @@ class IA3Method(Method):
 
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         assert isinstance(config, IA3Config)
-        return resolve_targets(model, config.targets, LINEAR_TYPES, default_roles=DEFAULT_ROLES, method="IA3")
+        paths = resolve_targets(model, config.targets, LINEAR_TYPES, default_roles=DEFAULT_ROLES, method="IA3")
+        return keep_layers(model, paths, config.layers, "IA3")
 
     def feedforward_paths(self, model: nn.Module, config: IA3Config, paths: list[str]) -> set[str]:
         """The targets that scale their input rather than their output."""

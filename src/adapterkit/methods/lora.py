@@ -20,15 +20,17 @@ import torch.nn.functional as F
 from adapterkit.core.config import (
     AdapterConfig,
     ConfigError,
+    check_layers,
     check_positive,
     check_targets,
+    peft_layers,
 )
 from adapterkit.core.base_weight import read_base_tensor, update_base_tensor
 from adapterkit.core.compose import cached_fold, route_groups
 from adapterkit.core.layers import AdapterLayer, MergeError, Terms, WeightedTerms, apply_terms, routed_sum
 from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register
-from adapterkit.core.targeting import LINEAR_TYPES, resolve_targets
+from adapterkit.core.targeting import LINEAR_TYPES, keep_layers, resolve_targets
 
 # What LoRA adapts when a config names no targets: the attention projections
 # and the FFN of every layer, found through the architecture table's roles.
@@ -42,6 +44,7 @@ class LoraConfig(AdapterConfig):
     ``targets``: PEFT-style list of module names / suffixes, a regular
     expression over the full path, ``"all-linear"``, or None for the
     attention projections and FFN layers of the architecture (``DEFAULT_ROLES``).
+    ``layers``: the block numbers (0 = the first) that get the adapter, PEFT's ``layers_to_transform``; None: all.
     """
 
     rank: int = 8
@@ -50,9 +53,11 @@ class LoraConfig(AdapterConfig):
     targets: list[str] | str | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    layers: list[int] | None = None
 
     def validate(self) -> None:
         check_positive(self, "rank")
+        check_layers(self)
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise ConfigError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -437,12 +442,13 @@ class LoraMethod(Method):
 
     def target_paths(self, model: nn.Module, config: AdapterConfig) -> list[str]:
         assert isinstance(config, LoraConfig)
-        return resolve_targets(model, config.targets, LINEAR_TYPES + (nn.Embedding,),
-                               default_roles=DEFAULT_ROLES, method="LoRA")
+        paths = resolve_targets(model, config.targets, LINEAR_TYPES + (nn.Embedding,),
+                                default_roles=DEFAULT_ROLES, method="LoRA")
+        return keep_layers(model, paths, config.layers, "LoRA")
 
     # --- PEFT interchange -------------------------------------------------------
     # PEFT LoraConfig fields that change the computation in ways LoraConfig cannot express
-    peft_unsupported = ("rank_pattern", "alpha_pattern", "bias", "lora_bias", "layers_to_transform",
+    peft_unsupported = ("rank_pattern", "alpha_pattern", "bias", "lora_bias",
                         "exclude_modules", "target_parameters", "trainable_token_indices",
                         "layer_replication", "alora_invocation_tokens", "use_qalora", "use_bdlora",
                         "arrow_config", "megatron_config")
@@ -477,7 +483,7 @@ class LoraMethod(Method):
             "fan_in_fan_out": any(not isinstance(c, (nn.Linear, nn.Embedding)) for c in cores),
             "use_rslora": config.use_rslora, "use_dora": config.use_dora,
             "bias": "none", "lora_bias": False, "init_lora_weights": True, "modules_to_save": None,
-            "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+            "layers_to_transform": config.layers, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         }
 
     def config_from_peft(self, data: dict[str, Any]) -> LoraConfig:
@@ -497,5 +503,5 @@ class LoraMethod(Method):
         return LoraConfig(rank=int(data.get("r", 8)), alpha=data.get("lora_alpha", 8),
                           dropout=float(data.get("lora_dropout", 0.0)), targets=targets,
                           use_rslora=bool(data.get("use_rslora", False)),
-                          use_dora=bool(data.get("use_dora", False)))
+                          use_dora=bool(data.get("use_dora", False)), layers=peft_layers(data))
 

@@ -93,6 +93,12 @@ class TrainConfig:
             the measurement that kept it); ``bf16`` or ``fp16`` autocast of
             the forward (fp16 with a gradient scaler); ``auto``: bf16 where the
             hardware runs it natively, else fp32.
+        adapter_layers: ``"top:K"`` places the trained adapters in the top K
+            blocks only (``"bottom:K"`` or ``"3,4,5"`` also work): their weights
+            in the other blocks are removed before training and the adapter's
+            config records the blocks (``layers``, PEFT's
+            ``layers_to_transform``). Below the lowest adapted block nothing
+            needs a gradient, so the backward stops there.
         gradient_checkpointing: recompute each block's activations in the
             backward instead of keeping them (less memory, ~30% more time);
             works with every method.
@@ -133,6 +139,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    adapter_layers: str | None = None
     strategy: str = "auto"
     num_threads: int | None = None
     log_every: int = 10
@@ -166,6 +173,9 @@ class TrainConfig:
         if kind not in DEVICE_CHOICES or (kind != self.device and (kind != "cuda" or not self.device[5:].isdigit())):
             raise TrainConfigError(f"{_label('device')} must be one of {list(DEVICE_CHOICES)} or cuda:N, "
                                    f"got {self.device!r}")
+        if self.adapter_layers is not None and not isinstance(self.adapter_layers, str):
+            raise TrainConfigError(f"{_label('adapter_layers')} must be a string such as 'top:4', "
+                                   f"got {self.adapter_layers!r}")
         if self.resume and self.output_dir is None:
             raise TrainConfigError("TrainConfig.resume needs output_dir: the run folder to resume from")
         if self.resume and self.overwrite:

@@ -21,6 +21,7 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from adapterkit.core.lifecycle import active_adapters, place_in_layers
 from adapterkit.data.examples import TaskData
 from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.runtime.distributed import whole_parameters, wrap_model
@@ -123,6 +124,9 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
            started: float) -> TrainResult:
     """The loop itself: prepare, restore, then steps with evaluations and checkpoints."""
     prepared = prepare(tokenizer, task, train_data, eval_data, config, runtime)
+    if config.adapter_layers is not None:
+        for name in active_adapters(model):
+            place_in_layers(model, name, config.adapter_layers)
     fingerprint = run_fingerprint(model, task.name, config, prepared.features, prepared.eval_features, runtime)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
