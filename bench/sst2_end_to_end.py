@@ -67,7 +67,6 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
     config = factory()
     if config is not None:
         ak.add_adapter(model, "sst2", config)
-    summary = ak.trainable_summary(model)
     train_data = ak.load_data(train_rows, text_column="sentence", label_column="label")
     val_data = ak.load_data(val_rows, text_column="sentence", label_column="label", labels=train_data.labels)
     start = time.perf_counter()
@@ -75,6 +74,7 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
         epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
         num_threads=torch.get_num_threads(), precision=precision, adapter_layers=adapter_layers))
     seconds = time.perf_counter() - start
+    summary = ak.trainable_summary(model)  # after training: --adapter-layers removes the lower blocks' weights
     accuracy = ak.evaluate(model, tokenizer, val_data, precision=precision)["accuracy"]
     size = 0
     if config is not None:
@@ -116,7 +116,7 @@ def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sa
         start = time.perf_counter()
         args = TrainingArguments(output_dir=tmp, num_train_epochs=1, per_device_train_batch_size=BATCH,
                                  learning_rate=1e-3, seed=seed, report_to=[], save_strategy="no",
-                                 logging_strategy="no", disable_tqdm=True, use_cpu=True, warmup_ratio=0.06,
+                                 logging_strategy="no", disable_tqdm=True, use_cpu=True, warmup_steps=0.06,
                                  train_sampling_strategy=PEER_SAMPLING[sampling])
         trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
                           data_collator=DataCollatorWithPadding(tokenizer))

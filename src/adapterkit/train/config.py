@@ -99,6 +99,13 @@ class TrainConfig:
             config records the blocks (``layers``, PEFT's
             ``layers_to_transform``). Below the lowest adapted block nothing
             needs a gradient, so the backward stops there.
+        cache_frozen_prefix: with adapters only above the first blocks
+            (``adapter_layers="top:K"``), keep each training example's input to
+            the lowest adapted block after its first pass and start later
+            passes there (``train/prefix_cache.py``); the blocks below run
+            without dropout.
+        prefix_cache_mb: the most memory that cache may hold; examples beyond
+            it are recomputed.
         gradient_checkpointing: recompute each block's activations in the
             backward instead of keeping them (less memory, ~30% more time);
             works with every method.
@@ -140,6 +147,8 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     adapter_layers: str | None = None
+    cache_frozen_prefix: bool = False
+    prefix_cache_mb: int = 2048
     strategy: str = "auto"
     num_threads: int | None = None
     log_every: int = 10
@@ -148,7 +157,8 @@ class TrainConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", *sorted(_OPTIONAL)):
+        for name in ("epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "log_every", "prefix_cache_mb",
+                     *sorted(_OPTIONAL)):
             value = getattr(self, name)
             if value is None and name in _OPTIONAL:
                 continue

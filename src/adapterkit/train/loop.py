@@ -30,11 +30,12 @@ from adapterkit.runtime.runtime import Runtime, resolve_runtime
 from adapterkit.tasks import Task, get_task
 from adapterkit.train.checkpoint import LoopState, load_trainable_state, write_text_atomically
 from adapterkit.train.checkpointing import Restored, Trainer, evaluate_and_checkpoint, restore
-from adapterkit.train.config import TrainConfig, resolve_defaults
+from adapterkit.train.config import TrainConfig, TrainConfigError, resolve_defaults
 from adapterkit.train.fingerprint import run_fingerprint
 from adapterkit.train.memory import enable_gradient_checkpointing, peak_memory
 from adapterkit.train.optim import build_optimizer, build_scheduler, trainable_parameters
 from adapterkit.train.plots import plot_training_curve
+from adapterkit.train.prefix_cache import PrefixCache
 from adapterkit.train.records import MetricsLog
 from adapterkit.train.result import TrainResult, save_run_adapter
 from adapterkit.train.run_folder import RunFolder
@@ -130,6 +131,10 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
     fingerprint = run_fingerprint(model, task.name, config, prepared.features, prepared.eval_features, runtime)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if config.cache_frozen_prefix:
+        if runtime.strategy == "fsdp":
+            raise TrainConfigError("cache_frozen_prefix and FSDP do not combine (the blocks are sharded); use DDP")
+        prepared.prefix_cache = PrefixCache(model, config.prefix_cache_mb * 2**20)
     wrapped = wrap_model(model, runtime)  # FSDP2 turns the parameters into shards: the optimizer comes after
     optimizer = build_optimizer(model, config)
     trainer = Trainer(model, optimizer, build_scheduler(optimizer, config, prepared.total_steps),
@@ -152,6 +157,8 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
     finally:
         bar.close()
         log.close()
+        if prepared.prefix_cache is not None:
+            prepared.prefix_cache.close()
     return _finish(model, train_data, config, prepared, state, restored, folder, log, runtime, started)
 
 
@@ -163,6 +170,7 @@ def _steps(model: PreTrainedModel, wrapped: nn.Module, tokenizer: PreTrainedToke
     window = new_window()
     wrapped.train()
     while state.step < prepared.total_steps and not state.stopped_early:
+        epoch_started = time.perf_counter()
         batches = epoch_batches(prepared.lengths, config.batch_size, config.seed, state.epoch,
                                 config.group_by_length)
         while state.batch_in_epoch < len(batches) and state.step < prepared.total_steps:
@@ -178,6 +186,10 @@ def _steps(model: PreTrainedModel, wrapped: nn.Module, tokenizer: PreTrainedToke
                 if state.stopped_early:
                     return
         if state.batch_in_epoch >= len(batches):
+            cache = prepared.prefix_cache
+            log.log("epoch", state.step, {"epoch": state.epoch + 1, "wall_time_s": time.perf_counter() - epoch_started,
+                                          **({"prefix_cache_mib": cache.bytes / 2**20, "prefix_cache_hits": cache.hits}
+                                             if cache is not None else {})})
             state.epoch += 1
             state.batch_in_epoch = 0
 

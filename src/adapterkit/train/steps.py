@@ -11,9 +11,11 @@ order is one function of (seed, epoch) and the position is one counter.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,6 +47,7 @@ class Prepared:
     micro_batches_per_step: int  # grad_accum_steps × world_size
     total_steps: int
     eval_every: int
+    prefix_cache: Any = None  # a train.prefix_cache.PrefixCache when cache_frozen_prefix is on
 
 
 def prepare(tokenizer: PreTrainedTokenizerBase, task: Task, train_data: TaskData, eval_data: TaskData | None,
@@ -95,8 +98,10 @@ def optimizer_step(wrapped: nn.Module, tokenizer: PreTrainedTokenizerBase, prepa
     bad = 0.0
     for i, (indices, weight) in enumerate(zip(mine, weights)):
         batch = runtime.move(task.collate([features[j] for j in indices], tokenizer))
+        cached = (prepared.prefix_cache.batch(indices, batch.get("attention_mask"))
+                  if prepared.prefix_cache is not None else contextlib.nullcontext())
         with accumulating(wrapped, last=i == len(mine) - 1):
-            with runtime.autocast():
+            with runtime.autocast(), cached:
                 loss = task.loss(wrapped, batch)
             if not torch.isfinite(loss):
                 if not runtime.distributed:  # alone, stop before the backward; with others, after it
