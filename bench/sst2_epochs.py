@@ -12,9 +12,10 @@ block). Each epoch's wall time comes from the run's ``metrics.jsonl``.
 
 The floor column is the time the matrix products of an epoch cannot go
 below at this CPU's measured float32 matmul rate: the forward of every
-block that runs (all of them, or only the adapted ones once cached), the
-backward of the adapted blocks (twice their forward: input and weight
-gradients), attention's two products included. Goal (issue 17): epochs 2
+block that runs (all of them, or only the adapted ones once cached) and the
+backward of the adapted blocks, which is one forward's worth: the frozen
+weights need the gradient of their input only, never their own (LoRA's
+rank-8 products are left out), attention's two products included. Goal (issue 17): epochs 2
 and 3 at least 2x faster than epoch 1 with caching and adapters in the top half.
 """
 
@@ -84,7 +85,7 @@ def floor_seconds(config: str, epoch: int, tokens: int, mean_length: float, rate
     layers, cached = CONFIGS[config]
     adapted = top if layers else 6
     forward_blocks = adapted if (cached and epoch > 1) else 6
-    flops = block_flops(tokens, mean_length) * (forward_blocks + 2 * adapted)
+    flops = block_flops(tokens, mean_length) * (forward_blocks + adapted)
     return flops / rate
 
 

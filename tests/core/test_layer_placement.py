@@ -131,3 +131,21 @@ def test_training_with_adapter_layers_stops_the_backward_below_them(folder, tmp_
     assert all(".layer.1." in p for p in adapted_paths(model))
     saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1] and result.step == 2
+
+
+def test_command_line_places_and_caches(folder, tmp_path, capsys):
+    import pandas as pd
+
+    from adapterkit.cli.main import main
+
+    pd.DataFrame(toy_sentiment(32)).to_csv(tmp_path / "train.csv", index=False)
+    run = tmp_path / "run"
+    code = main(["train", "--model", str(folder), "--data", str(tmp_path / "train.csv"), "--eval-data",
+                 str(tmp_path / "train.csv"), "--test-data", str(tmp_path / "train.csv"), "--epochs", "2", "--batch-size", "8", "--threads", "1",
+                 "--adapter-layers", "top:1", "--cache-frozen-prefix", "--output", str(run)])
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [1]
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["split"] == "epoch"]
+    assert [e["prefix_cache_hits"] for e in epochs] == [0, 32]

@@ -68,6 +68,7 @@ def train(
     precision: Precision | None = None,
     gradient_checkpointing: bool = False,
     adapter_layers: str | None = None,
+    cache_frozen_prefix: bool = False,
     strategy: Strategy | None = None,
     threads: int | None = None,
     quantize: Quantize | None = None,
@@ -107,6 +108,8 @@ def train(
         gradient_checkpointing: recompute activations in the backward (less memory, more time); any method.
         adapter_layers: top:K puts the adapter in the top K blocks only (bottom:K, or 3,4,5 also work): the
             backward stops below the lowest one (faster; `adapterkit analyze --ablate` says which K is safe).
+        cache_frozen_prefix: with --adapter-layers top:K, keep each example's input to the lowest adapted block
+            after its first epoch, so later epochs start there (the blocks below run without dropout).
         strategy: under torchrun: ddp (the default with several processes) or fsdp (FSDP2, the frozen base
             sharded per transformer block).
         threads: torch threads per process (default: the cores this process may use, shared among the
@@ -126,7 +129,8 @@ def train(
         method=method, epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
         max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output,
         seed=seed, resume=resume or None, overwrite=overwrite or None, device=device, precision=precision,
-        gradient_checkpointing=gradient_checkpointing or None, adapter_layers=adapter_layers, strategy=strategy,
+        gradient_checkpointing=gradient_checkpointing or None, adapter_layers=adapter_layers,
+        cache_frozen_prefix=cache_frozen_prefix or None, strategy=strategy,
         quantize=quantize)
     result = run(run_config)
     if not _is_main_process():
