@@ -99,3 +99,21 @@ def test_the_memory_cap_is_kept(folders):
         model(**batch)
     assert list(cache.store) == [0] and cache.bytes == one_row
     cache.close()
+
+
+def test_compiled_training_ends_where_eager_training_does(folders):
+    """TrainConfig.compile runs the training forward through torch.compile; the weights it ends on are eager's."""
+    data = ak.load_data(toy_sentiment(24, seed=5))
+    finals = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model, tokenizer = ak.load_model(folders["plain"], labels=["neg", "pos"])
+        ak.add_adapter(model, "x", ak.LoraConfig(rank=2, targets=["query", "value"]))
+        ak.train(model, tokenizer, data, None, ak.TrainConfig(max_steps=3, batch_size=8, lr=1e-2, progress=False,
+                                                              num_threads=1, compile=compiled))
+        finals.append({k: v.detach().clone() for k, v in ak.adapter_parameters(model, "x").items()})
+    for name, value in finals[0].items():
+        torch.testing.assert_close(finals[1][name], value, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ak.errors.UserError, match="do not combine"):
+        ak.train(model, tokenizer, data, None, ak.TrainConfig(max_steps=1, compile=True, cache_frozen_prefix=True,
+                                                              adapter_layers="top:1", progress=False))

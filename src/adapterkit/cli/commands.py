@@ -69,6 +69,7 @@ def train(
     gradient_checkpointing: bool = False,
     adapter_layers: str | None = None,
     cache_frozen_prefix: bool = False,
+    compile: bool = False,
     strategy: Strategy | None = None,
     threads: int | None = None,
     quantize: Quantize | None = None,
@@ -110,6 +111,7 @@ def train(
             backward stops below the lowest one (faster; `adapterkit analyze --ablate` says which K is safe).
         cache_frozen_prefix: with --adapter-layers top:K, keep each example's input to the lowest adapted block
             after its first epoch, so later epochs start there (the blocks below run without dropout).
+        compile: run the training forward through torch.compile (the first steps pay the compilation).
         strategy: under torchrun: ddp (the default with several processes) or fsdp (FSDP2, the frozen base
             sharded per transformer block).
         threads: torch threads per process (default: the cores this process may use, shared among the
@@ -130,7 +132,7 @@ def train(
         max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output,
         seed=seed, resume=resume or None, overwrite=overwrite or None, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing or None, adapter_layers=adapter_layers,
-        cache_frozen_prefix=cache_frozen_prefix or None, strategy=strategy,
+        cache_frozen_prefix=cache_frozen_prefix or None, compile=compile or None, strategy=strategy,
         quantize=quantize)
     result = run(run_config)
     if not _is_main_process():

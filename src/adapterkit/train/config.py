@@ -106,6 +106,9 @@ class TrainConfig:
             without dropout.
         prefix_cache_mb: the most memory that cache may hold; examples beyond
             it are recomputed.
+        compile: run the training forward through ``torch.compile`` (dynamic
+            shapes, so length-grouped batches do not recompile; the adapters'
+            plan is read outside the graph). The first steps pay the compilation.
         gradient_checkpointing: recompute each block's activations in the
             backward instead of keeping them (less memory, ~30% more time);
             works with every method.
@@ -149,6 +152,7 @@ class TrainConfig:
     adapter_layers: str | None = None
     cache_frozen_prefix: bool = False
     prefix_cache_mb: int = 2048
+    compile: bool = False
     strategy: str = "auto"
     num_threads: int | None = None
     log_every: int = 10

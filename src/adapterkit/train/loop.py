@@ -136,6 +136,11 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
             raise TrainConfigError("cache_frozen_prefix and FSDP do not combine (the blocks are sharded); use DDP")
         prepared.prefix_cache = PrefixCache(model, config.prefix_cache_mb * 2**20)
     wrapped = wrap_model(model, runtime)  # FSDP2 turns the parameters into shards: the optimizer comes after
+    if config.compile:
+        if config.cache_frozen_prefix:
+            raise TrainConfigError("compile and cache_frozen_prefix do not combine yet: the cache swaps the lower "
+                                   "blocks' forward between batches, which would recompile; choose one")
+        wrapped = torch.compile(wrapped, dynamic=True)  # forward calls only; the model itself stays as it is
     optimizer = build_optimizer(model, config)
     trainer = Trainer(model, optimizer, build_scheduler(optimizer, config, prepared.total_steps),
                       grad_scaler(runtime.precision, runtime.device), runtime, fingerprint)
