@@ -63,6 +63,7 @@ def read_sst2(name: str, limit: int | None, seed: int) -> list[dict]:
 def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
                    precision: str = "fp32", quantize: str | None = None, adapter_layers: str | None = None) -> dict:
     factory, lr = METHODS[method]
+    torch.manual_seed(seed)  # the new classification head: the same initial weights in every run of this seed
     model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"], quantize=quantize)
     config = factory()
     if config is not None:
@@ -87,7 +88,8 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
 PEER_SAMPLING = {"grouped": "group_by_length", "random": "random"}
 
 
-def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sampling: str = "grouped") -> dict:
+def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sampling: str = "grouped",
+                     precision: str = "fp32") -> dict:
     """PEFT LoRA (rank 8, query/value) with the Hugging Face Trainer, set up as its docs suggest.
 
     ``sampling="grouped"`` is the peer at its best: ``train_sampling_strategy="group_by_length"``
@@ -103,6 +105,7 @@ def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sa
 
     folder = common.minilm_dir()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(seed)  # the new classification head, as for the adapterkit runs
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
     model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
                                                        task_type="SEQ_CLS"))
@@ -117,7 +120,7 @@ def run_peft_trainer(train_rows: list[dict], val_rows: list[dict], seed: int, sa
         args = TrainingArguments(output_dir=tmp, num_train_epochs=1, per_device_train_batch_size=BATCH,
                                  learning_rate=1e-3, seed=seed, report_to=[], save_strategy="no",
                                  logging_strategy="no", disable_tqdm=True, use_cpu=True, warmup_steps=0.06,
-                                 train_sampling_strategy=PEER_SAMPLING[sampling])
+                                 train_sampling_strategy=PEER_SAMPLING[sampling], bf16=precision == "bf16")
         trainer = Trainer(model=model, args=args, train_dataset=encode(train_rows),
                           data_collator=DataCollatorWithPadding(tokenizer))
         trainer.train()
@@ -149,9 +152,10 @@ def main() -> None:
         train_rows = read_sst2("train.tsv", args.train_size, seed)
         print(f"seed {seed}: {len(train_rows)} training sentences", flush=True)
         for sampling in [] if args.skip_peft else args.peer_sampling:
-            peer = f"peft lora + Trainer ({sampling})"
-            results.setdefault(peer, []).append(run_peft_trainer(train_rows, val_rows, seed, sampling))
-            print(peer, results[peer][-1], flush=True)
+            for precision in [p for p in args.precisions if p in ("fp32", "bf16")]:
+                peer = f"peft lora + Trainer ({sampling})" + ("" if precision == "fp32" else f" {precision}")
+                results.setdefault(peer, []).append(run_peft_trainer(train_rows, val_rows, seed, sampling, precision))
+                print(peer, results[peer][-1], flush=True)
         for method in args.methods:
             for precision in args.precisions:
                 for scheme in args.quantize:
