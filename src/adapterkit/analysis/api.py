@@ -201,12 +201,8 @@ def _with_data(model: nn.Module, name: str, tokenizer: PreTrainedTokenizerBase, 
                batch_size: int, max_length: int | None, ablate: bool) -> dict[str, Any]:
     from adapterkit.tasks import get_task
 
-    name_of_task = _task_name(model)
-    if name_of_task is None:
-        raise UsageError("analysing with data needs a model loaded for a task (ak.load_model(..., task=...)); "
-                         f"this {type(model).__name__} has no task head")
-    view = task_view(name_of_task)
-    task = get_task(name_of_task)
+    view = task_view(examples.task)  # ``_data`` read it for the model's task, refusing a model without one
+    task = get_task(examples.task)
     length = max_length or task.default_lengths(examples, tokenizer, model)["max_length"]
     _progress(f"behaviour on {len(examples.examples)} examples")
     runs = both_predictions(model, tokenizer, task, examples, name, length, batch_size)

@@ -2,9 +2,10 @@
 
 A run folder (what ``adapterkit train`` writes) holds ``metrics.jsonl`` (the
 logged training speed and, in its last ``"run"`` record, the wall time and
-peak memory of the training) and ``adapter/adapterkit.json`` (steps, epochs). ``baseline`` is another run of the same task,
-full fine-tuning for instance: an adapterkit run folder or a transformers
-``Trainer`` output folder; it is set beside this one with the ratios.
+peak memory of the training) and ``adapter/adapterkit.json`` (steps, epochs).
+``baseline`` is another run of the same task, full fine-tuning for instance:
+an adapterkit run folder or a transformers ``Trainer`` output folder; it is
+set beside this one with the ratios.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch.nn as nn
 
 from adapterkit.core.lifecycle import adapter_parameters
 from adapterkit.errors import UsageError
+from adapterkit.train.records import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 METADATA_FILE = "adapterkit.json"
 TRAINER_STATE = "trainer_state.json"
 

@@ -21,6 +21,7 @@ import numpy as np
 from adapterkit.data.examples import TaskData
 from adapterkit.data.tagging import entity_spans
 from adapterkit.errors import UnsupportedError
+from adapterkit.tasks.classification import softmax
 from adapterkit.tasks.qa_metrics import exact_match, token_f1
 
 
@@ -39,10 +40,8 @@ class TaskView:
     points: float  # metric units per percentage point (100 for a 0-1 metric, 1 for one in percent)
 
 
-def _softmax(logits: Any) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64)
-    z = np.exp(z - z.max())
-    return z / z.sum()
+def _probabilities(logits: Any) -> np.ndarray:
+    return softmax(np.asarray(logits, dtype=np.float64))
 
 
 def _classification() -> TaskView:
@@ -60,7 +59,7 @@ def _classification() -> TaskView:
         reduce=lambda s: s[..., 0].mean(axis=-1),
         units=lambda data, predictions: [p.label for p in predictions],
         # total variation between the two predicted distributions
-        change=lambda bp, ap, bo, ao: float(0.5 * np.abs(_softmax(bo) - _softmax(ao)).sum()),
+        change=lambda bp, ap, bo, ao: float(0.5 * np.abs(_probabilities(bo) - _probabilities(ao)).sum()),
         text=text,
         show=lambda p: f"{p.label} ({p.score:.2f})",
         key=lambda p: p.label,

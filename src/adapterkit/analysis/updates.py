@@ -16,6 +16,7 @@ import torch.nn as nn
 from adapterkit.analysis.sites import Site, adapter_sites
 from adapterkit.analysis.weight_updates import RANK_RULE, update_statistics
 from adapterkit.core.base_weight import read_base_tensor
+from adapterkit.core.layers import innermost
 from adapterkit.core.lifecycle import get_adapter_config
 
 
@@ -28,10 +29,7 @@ def has_weight_update(site: Site, name: str) -> bool:
 def weight_and_update(site: Site, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W, ΔW)`` of adapter ``name`` at ``site``, both as float tensors in the (out, in) layout."""
     layer: Any = site.wrapper
-    core = layer.base_layer
-    while hasattr(core, "base_layer"):  # an inner wrapper of another method
-        core = core.base_layer
-    raw = read_base_tensor(core).float()
+    raw = read_base_tensor(innermost(layer)).float()  # under any other method's wrappers
     merged = layer.merged_weight(name, raw).float()
     transpose = getattr(layer, "fan_in_fan_out", False) and not getattr(layer, "is_embedding", False)
     weight, delta = (raw.T, (merged - raw).T) if transpose else (raw, merged - raw)

@@ -116,7 +116,7 @@ def resolve_targets(
     return matched
 
 
-def _block_list(model: nn.Module, path: str) -> tuple[nn.ModuleList, int] | None:
+def block_list(model: nn.Module, path: str) -> tuple[nn.ModuleList, int] | None:
     """The first ``nn.ModuleList`` on ``path`` and the index ``path`` takes in it."""
     module: nn.Module = model
     for part in path.split("."):
@@ -132,13 +132,13 @@ def _block_list(model: nn.Module, path: str) -> tuple[nn.ModuleList, int] | None
 def block_index(model: nn.Module, path: str) -> int | None:
     """The index of the repeated block that holds module ``path``: the number that follows the
     first ``nn.ModuleList`` on the path (``bert.encoder.layer.3.attention`` -> 3), or ``None``."""
-    found = _block_list(model, path)
+    found = block_list(model, path)
     return None if found is None else found[1]
 
 
 def block_count(model: nn.Module, paths: Sequence[str]) -> int:
     """How many blocks the lists holding ``paths`` have (the longest, for an encoder-decoder)."""
-    return max([len(found[0]) for found in map(lambda p: _block_list(model, p), paths) if found] or [0])
+    return max([len(found[0]) for found in map(lambda p: block_list(model, p), paths) if found] or [0])
 
 
 def keep_layers(model: nn.Module, paths: list[str], layers: Sequence[int] | None, method: str) -> list[str]:

@@ -26,7 +26,8 @@ class LabelPrediction(NamedTuple):
     score: float
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, shifted by the maximum for stability."""
     shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
@@ -91,7 +92,7 @@ class ClassificationTask(Task):
         labels = data.labels or []
         predictions = []
         for logits in outputs:
-            probabilities = _softmax(np.asarray(logits, dtype=np.float64))
+            probabilities = softmax(np.asarray(logits, dtype=np.float64))
             best = int(probabilities.argmax())
             name = labels[best] if best < len(labels) else str(best)
             predictions.append(LabelPrediction(name, float(probabilities[best])))

@@ -26,36 +26,31 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from adapterkit.core.heads import HeadLayer
 from adapterkit.core.layers import adapter_layers, get_store
 from adapterkit.core.lifecycle import active_adapters, get_adapter_config
+from adapterkit.core.targeting import block_list
 from adapterkit.errors import UsageError
 
 
-def _block_list(model: nn.Module) -> nn.ModuleList:
+def adapted_block_list(model: nn.Module) -> nn.ModuleList:
     """The model's list of transformer blocks (the ModuleList the adapted modules sit in)."""
-    from adapterkit.core.targeting import _block_list as find
-
     for path, layer in adapter_layers(model):
-        if layer.method != "head":
-            found = find(model, path)
-            if found is not None:
-                return found[0]
+        found = block_list(model, path) if layer.method != "head" else None
+        if found is not None:
+            return found[0]
     raise UsageError("frozen-prefix caching needs adapters inside the model's blocks; this model has none there")
 
 
 def lowest_adapted_block(model: nn.Module) -> int:
     """The lowest block index holding a weight that trains (block 0 when something below the blocks trains)."""
-    trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    blocks = _block_list(model)
-    lowest = len(blocks)
-    for i, block in enumerate(blocks):
-        if any(id(p) in trainable for p in block.parameters()):
-            lowest = min(lowest, i)
-            break
-    inside = {id(p) for block in blocks for p in block.parameters()}
-    below = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in inside
-             and not _is_head(model, n)]
-    return 0 if below else lowest
+    blocks = adapted_block_list(model)
+    trains = [any(p.requires_grad for p in block.parameters()) for block in blocks]
+    counted = {id(p) for block in blocks for p in block.parameters()}
+    counted |= {id(p) for m in model.modules() if isinstance(m, HeadLayer) for p in m.parameters()}
+    if any(p.requires_grad and id(p) not in counted for p in model.parameters()):
+        return 0  # something outside the blocks and heads (the embeddings) trains
+    return trains.index(True) if True in trains else len(blocks)
 
 
 def _modules_before(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
@@ -74,16 +69,6 @@ def _modules_before(model: nn.Module, blocks: nn.ModuleList) -> list[nn.Module]:
     return found
 
 
-def _is_head(model: nn.Module, name: str) -> bool:
-    """Whether parameter ``name`` belongs to a module after the blocks (a task head, a final norm)."""
-    from adapterkit.core.heads import HeadLayer
-
-    for path, module in model.named_modules():
-        if isinstance(module, HeadLayer) and name.startswith(path + "."):
-            return True
-    return False
-
-
 class PrefixCache:
     """Keeps block ``first``'s input per training feature; see the module docstring.
 
@@ -99,7 +84,7 @@ class PrefixCache:
                                  "so no block's input is fixed; train without the cache")
         if get_store(model) is not None and len(get_store(model).adapters):
             raise UsageError("frozen-prefix caching: input-side adapters are loaded; train without the cache")
-        self.blocks = _block_list(model)
+        self.blocks = adapted_block_list(model)
         self.first = lowest_adapted_block(model)
         if self.first == 0:
             raise UsageError("frozen-prefix caching needs the lowest adapter above block 0 (e.g. --adapter-layers "
