@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import adapterkit as ak
+from adapterkit.core.plan import Route
 from tests.tiny_models import build_tiny, output_tensor
 from tests.tolerances import assert_close_scaled, forward_ops
 
@@ -161,8 +162,10 @@ def test_route_sees_weights_changed_in_place_between_calls() -> None:
     assert_close_scaled(after[1][mask[1]], single(1, "b")[mask[1]], ops=forward_ops(model))
 
 
-def test_route_sees_an_adapter_replaced_or_moved_between_calls() -> None:
-    """The stacks behind routing follow a delete and re-add under one name, and a move to another dtype."""
+@pytest.mark.parametrize("weights_fixed", [False, True])
+def test_route_sees_an_adapter_replaced_or_moved_between_calls(weights_fixed: bool) -> None:
+    """The stacks behind routing follow a delete and re-add under one name, and a move to another dtype,
+    also when the caller promises no in-place writes (``weights_fixed``, what the server passes)."""
     model, inputs = build_tiny("gpt2")
     mask = inputs["attention_mask"].bool()
 
@@ -178,19 +181,34 @@ def test_route_sees_an_adapter_replaced_or_moved_between_calls() -> None:
 
     add("a", 0.3)
     add("b", 0.3)
-    with torch.no_grad(), ak.route(model, ["a", "b"]):
+    with torch.no_grad(), ak.route(model, ["a", "b"], weights_fixed=weights_fixed):
         first = output_tensor(model, inputs)
     ak.delete_adapter(model, "b")
     add("b", 0.6)  # same name, new weights
-    with torch.no_grad(), ak.route(model, ["a", "b"]):
+    with torch.no_grad(), ak.route(model, ["a", "b"], weights_fixed=weights_fixed):
         second = output_tensor(model, inputs)
     assert not torch.allclose(first[1][mask[1]], second[1][mask[1]])
     assert_close_scaled(second[1][mask[1]], single(1, "b")[mask[1]], ops=forward_ops(model))
     model.double()  # the adapter weights move to float64: the stacks must too
-    with torch.no_grad(), ak.route(model, ["a", "b"]):
+    with torch.no_grad(), ak.route(model, ["a", "b"], weights_fixed=weights_fixed):
         third = output_tensor(model, inputs)
     assert third.dtype == torch.float64
     assert_close_scaled(third[0][mask[0]], single(0, "a")[mask[0]], ops=forward_ops(model))
+
+
+def test_weights_fixed_is_a_promise_not_part_of_the_plan() -> None:
+    """A Route's ``weights_fixed`` changes no equality, hash or saved form."""
+    plain, promised = Route(["a", None]), Route(["a", None], weights_fixed=True)
+    assert promised == plain and hash(promised) == hash(plain)
+    assert promised.to_dict() == plain.to_dict() == {"route": ["a", None]}
+    assert promised.weights_fixed and not plain.weights_fixed
+    model, _ = build_tiny("gpt2")
+    for name in ("a", "b"):
+        ak.add_adapter(model, name, ak.LoraConfig(rank=2))
+    layers = [m for m in model.modules() if isinstance(m, ak.methods.lora.LoraLayer)]
+    for fixed in (False, True):  # the promise reaches the layers through the plan's resolution
+        with ak.route(model, ["a", "b"], weights_fixed=fixed):
+            assert layers and all(layer.plan().weights_fixed is fixed for layer in layers)
 
 
 def test_adapter_added_in_eval_mode_applies_no_dropout() -> None:

@@ -135,7 +135,7 @@ def resolve_plan(state: AdapterState, value: object) -> "Plan | str":
                 f"{sorted({n for group in inputs for n in group})}; virtual tokens need the whole batch on one "
                 "plan. Route prefix/prompt adapters per batch."
             )
-        return Route(entries)
+        return plan.with_entries(entries)
     return _resolve(state, plan, top=True)
 
 

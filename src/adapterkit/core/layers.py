@@ -221,7 +221,7 @@ def call_rows(route: Route, rows: list[int], state: AdapterState, fn: Callable[[
     Wrappers nested inside the caller then see a route that matches the rows
     they are given.
     """
-    with override(state, Route([route.entries[r] for r in rows])):
+    with override(state, route.with_entries([route.entries[r] for r in rows])):
         return fn()
 
 

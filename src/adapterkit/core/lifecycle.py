@@ -132,14 +132,18 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 @contextmanager
-def route(model: nn.Module, plans: Sequence[PlanLike]) -> Iterator[nn.Module]:
+def route(model: nn.Module, plans: Sequence[PlanLike], *, weights_fixed: bool = False) -> Iterator[nn.Module]:
     """Within the block, example ``i`` of every batch runs ``plans[i]`` (a name, a plan or None).
 
     ``None`` routes an example to the base model. Works for any forward or
     ``generate`` call whose batch dimension matches ``plans``; like ``use``,
-    it holds for this thread / asyncio task only.
+    it holds for this thread / asyncio task only. ``weights_fixed=True``
+    promises that no adapter weight is written in place inside the block
+    (see :class:`~adapterkit.core.plan.Route`): routing then skips its
+    per-call check of every adapter's weights. Without it, an in-place
+    update (an optimiser step) is seen at the next call.
     """
-    with use(model, Route(plans)):
+    with use(model, Route(plans, weights_fixed=weights_fixed)):
         yield model
 
 
@@ -363,7 +367,7 @@ def _without(plan: "Plan | str", name: str) -> "Plan | str":
     if isinstance(plan, str):
         return Sum() if plan == name else plan
     if isinstance(plan, Route):
-        return Route([None if e is None or e == name else _without(e, name) for e in plan.entries])
+        return plan.with_entries([None if e is None or e == name else _without(e, name) for e in plan.entries])
     if isinstance(plan, Sum | Stack):
         return type(plan)(*(_without(p, name) for p in plan.items if p != name))
     if isinstance(plan, Average):

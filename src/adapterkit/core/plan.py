@@ -251,12 +251,21 @@ class Fuse(Plan):
 
 
 class Route(Plan):
-    """One plan per example of the batch: entry ``i`` (a name, a plan or None) for row ``i``."""
+    """One plan per example of the batch: entry ``i`` (a name, a plan or None) for row ``i``.
 
-    __slots__ = ("entries",)
+    ``weights_fixed`` is a promise from the caller, not part of the plan (it
+    takes no part in equality or the saved form): while this route is in use,
+    adapter weights change only through adapterkit calls (adding, deleting,
+    loading, merging, moving the model), never in place. Routed LoRA layers
+    then trust their cached weight stacks without reading every adapter's
+    weights at each call, which on a decoding step over 64 adapters is a
+    tenth of the step. The server makes that promise; the default checks.
+    """
+
+    __slots__ = ("entries", "weights_fixed")
     kind = "route"
 
-    def __init__(self, entries: Sequence[PlanLike]) -> None:
+    def __init__(self, entries: Sequence[PlanLike], weights_fixed: bool = False) -> None:
         if isinstance(entries, (str, Plan)) or not isinstance(entries, Iterable):
             raise UsageError(f"Route takes a list with one adapter name, plan or None per example; got {entries!r}")
         values = tuple(None if e is None else as_plan(e) for e in entries)
@@ -265,9 +274,14 @@ class Route(Plan):
         if any(isinstance(e, Route) for e in values):
             raise UsageError("a Route entry cannot itself be a Route (each entry is one example's plan)")
         object.__setattr__(self, "entries", values)
+        object.__setattr__(self, "weights_fixed", bool(weights_fixed))
 
     def parts(self) -> tuple["Plan | str", ...]:
         return tuple(e for e in self.entries if e is not None)
+
+    def with_entries(self, entries: Sequence[PlanLike]) -> "Route":
+        """A route over ``entries`` (resolved, narrowed to some rows, ...) that keeps this one's promise."""
+        return Route(entries, weights_fixed=self.weights_fixed)
 
     def to_dict(self) -> dict[str, Any]:
         return {"route": [None if e is None else _part_dict(e) for e in self.entries]}

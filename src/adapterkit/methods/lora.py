@@ -246,23 +246,34 @@ class LoraLayer(AdapterLayer):
         delta = torch.bmm(hidden, b_rows).reshape(*x.shape[:-1], out_features)
         return result + delta.to(result.dtype)
 
-    def _stacked(self, routes: tuple[str | None, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stacked(self, routes: tuple[str | None, ...], device: torch.device,
+                 weights_fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row A (batch, rank, in) and scaled B^T (batch, rank, out) for a routing list.
 
         While gradients are off, every adapter's A and B of this layer are kept
         stacked (:class:`_RowStacks`) until the adapters change, their weights
         are written or their scales move, and the per-row gathers are kept per
         routing list: a decoding step that routes as the last one did costs a
-        dictionary lookup, not a pass over the adapters.
+        dictionary lookup, not a pass over the adapters. Checking that no
+        weight was written reads every adapter's A and B, which after a step
+        has streamed the base weights through the cache costs ~0.2 ms a layer
+        with 64 adapters; ``weights_fixed`` (the caller's promise) skips it.
         """
         if torch.is_grad_enabled():  # training through a route: the weights move every step, keep nothing
             names = [n for n in dict.fromkeys(routes) if n is not None and n in self._modules["lora_A"]]
             return _RowStacks(self, names).rows(routes, device)
         stacks = self.__dict__.get("_row_stacks")
-        if stacks is None or not stacks.current(self):
+        if stacks is None or not stacks.current(self, weights_fixed):
             stacks = _RowStacks(self, list(self._modules["lora_A"].keys()))
             self.__dict__["_row_stacks"] = stacks
         return stacks.rows(routes, device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "LoraLayer":
+        """``nn.Module._apply`` (``to``, ``half``, ``cuda``, ...), then drop the routing stacks:
+        a move keeps the parameter objects and their versions, so only this tells them apart."""
+        moved = super()._apply(fn, recurse)
+        self.__dict__.pop("_row_stacks", None)
+        return moved
 
     # --- merging --------------------------------------------------------------
     def merged_weight(self, name: str, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,11 +385,16 @@ class _RowStacks:
             self.a[slot, :r] = lora_a[name].weight
             self.b[slot, :r] = (lora_b[name].weight * layer.scaling[name]).T
 
-    def current(self, layer: LoraLayer) -> bool:
-        """True while no adapter was added, removed or merged, no weight written or moved, no scale changed."""
-        return (self.version == layer.state.version
-                and self.marks == [(w.data_ptr(), w._version) for w in self.weights]
-                and self.scales == [layer.scaling[n] for n in self.slot])
+    def current(self, layer: LoraLayer, weights_fixed: bool = False) -> bool:
+        """True while no adapter was added, removed or merged, no weight written or moved, no scale changed.
+
+        ``weights_fixed``: only the adapterkit calls are checked (the state's
+        version; a move of the layer drops the stacks, see ``LoraLayer._apply``).
+        """
+        if self.version != layer.state.version:
+            return False
+        return weights_fixed or (self.marks == [(w.data_ptr(), w._version) for w in self.weights]
+                                 and self.scales == [layer.scaling[n] for n in self.slot])
 
     def rows(self, routes: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (A, scaled B^T) for ``routes`` (a tuple of adapter names or None), kept per routing list."""
@@ -411,7 +427,7 @@ def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str,
             return "routed", plan
         if len(plan.entries) != batch:
             route_groups(plan, batch)  # raises the batch-size error
-        return "rows", layer._stacked(plan.entries, device)
+        return "rows", layer._stacked(plan.entries, device, plan.weights_fixed)
     terms = cached_fold(layer, plan, layer.algebra)
     return ("terms", terms) if terms else ("none", None)
 

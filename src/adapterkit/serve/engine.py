@@ -329,7 +329,8 @@ class GenerationEngine:
             with use(self.model, only if only is not None else Sum()):
                 yield
         else:
-            with route(self.model, adapters):
+            # adapters change only through load/unload on this thread: no in-place writes to look for
+            with route(self.model, adapters, weights_fixed=True):
                 yield
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor, first_row: int) -> None:

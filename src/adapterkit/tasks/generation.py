@@ -280,7 +280,7 @@ def _routed_rows(model: PreTrainedModel, rows: torch.Tensor) -> Iterator[None]:
     if not isinstance(plan, Route) or len(rows) == len(plan.entries):
         yield
         return
-    with override(state, Route([plan.entries[i] for i in rows.tolist()])):
+    with override(state, plan.with_entries([plan.entries[i] for i in rows.tolist()])):
         yield
 
 
