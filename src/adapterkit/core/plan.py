@@ -262,7 +262,7 @@ class Route(Plan):
     tenth of the step. The server makes that promise; the default checks.
     """
 
-    __slots__ = ("entries", "weights_fixed")
+    __slots__ = ("entries", "weights_fixed", "_names_only")
     kind = "route"
 
     def __init__(self, entries: Sequence[PlanLike], weights_fixed: bool = False) -> None:
@@ -278,6 +278,16 @@ class Route(Plan):
 
     def parts(self) -> tuple["Plan | str", ...]:
         return tuple(e for e in self.entries if e is not None)
+
+    @property
+    def names_only(self) -> bool:
+        """True when every entry is an adapter name or None (no per-example plans); computed once."""
+        try:
+            return self._names_only
+        except AttributeError:
+            value = all(e is None or isinstance(e, str) for e in self.entries)
+            object.__setattr__(self, "_names_only", value)
+            return value
 
     def with_entries(self, entries: Sequence[PlanLike]) -> "Route":
         """A route over ``entries`` (resolved, narrowed to some rows, ...) that keeps this one's promise."""

@@ -9,9 +9,11 @@ magnitude that rescales the column-normalised updated weight.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -179,6 +181,8 @@ class LoraLayer(AdapterLayer):
             return result
         if kind == "rows":
             return self._add_rows(x, payload[0], payload[1], result)
+        if kind == "grouped":
+            return self._add_grouped(x, payload, result)
         if kind == "routed":
             return routed_sum(x, payload, self._plan_delta, result)
         return self._add_terms(x, payload, result)
@@ -246,14 +250,42 @@ class LoraLayer(AdapterLayer):
         delta = torch.bmm(hidden, b_rows).reshape(*x.shape[:-1], out_features)
         return result + delta.to(result.dtype)
 
+    def _add_grouped(self, x: torch.Tensor, groups: "_Groups", result: torch.Tensor) -> torch.Tensor:
+        """Add a routed batch's LoRA deltas with the rows grouped by adapter (no per-row weight copies).
+
+        Each adapter's rows are placed in its slot of a zero-padded
+        ``(adapters, rows per adapter, tokens, in)`` block, multiplied with the
+        stacked A and scaled B^T in two batched matmuls, and the results are
+        added back to their rows. A routing list that changes by rows joining
+        or leaving (every few decoding steps in a server) then costs a few
+        index tensors, not a new copy of one A and B per row.
+        """
+        a, b, width = groups.a, groups.b, groups.width
+        count, rank, in_features = a.shape
+        batch, out_features = x.shape[0], b.shape[-1]
+        rows = x.reshape(batch, -1, in_features).to(a.dtype)  # (batch, tokens, in)
+        tokens = rows.shape[1]
+        picked = rows if groups.rows is None else rows.index_select(0, groups.rows)
+        block = rows.new_zeros(count * width, tokens, in_features).index_copy_(0, groups.pos, picked)
+        hidden = torch.bmm(a, block.view(count, width * tokens, in_features).transpose(1, 2))  # (count, rank, w*t)
+        delta = torch.bmm(hidden.transpose(1, 2), b).view(count * width, tokens, out_features)
+        delta = delta.index_select(0, groups.pos).to(result.dtype)  # (adapted rows, tokens, out)
+        in_place = self.base_layer.__class__ in _INPLACE_SAFE and result.is_contiguous()
+        target = result.view(batch, tokens, out_features) if in_place else result.reshape(batch, tokens, out_features)
+        if groups.rows is None:
+            summed = target.add_(delta) if in_place else target + delta
+        else:
+            summed = target.index_add_(0, groups.rows, delta) if in_place else target.index_add(0, groups.rows, delta)
+        return summed.view(result.shape)
+
     def _stacked(self, routes: tuple[str | None, ...], device: torch.device,
-                 weights_fixed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row A (batch, rank, in) and scaled B^T (batch, rank, out) for a routing list.
+                 weights_fixed: bool = False, grouped: bool = True) -> "tuple[str, Any]":
+        """How to add a routing list's deltas: ("rows", per-row A and scaled B^T) or ("grouped", row groups).
 
         While gradients are off, every adapter's A and B of this layer are kept
         stacked (:class:`_RowStacks`) until the adapters change, their weights
-        are written or their scales move, and the per-row gathers are kept per
-        routing list: a decoding step that routes as the last one did costs a
+        are written or their scales move, and the row groups (or per-row
+        gathers) are kept per routing list: a decoding step that routes as the last one did costs a
         dictionary lookup, not a pass over the adapters. Checking that no
         weight was written reads every adapter's A and B, which after a step
         has streamed the base weights through the cache costs ~0.2 ms a layer
@@ -261,12 +293,15 @@ class LoraLayer(AdapterLayer):
         """
         if torch.is_grad_enabled():  # training through a route: the weights move every step, keep nothing
             names = [n for n in dict.fromkeys(routes) if n is not None and n in self._modules["lora_A"]]
-            return _RowStacks(self, names).rows(routes, device)
+            return "rows", _RowStacks(self, names).rows(routes, device)
         stacks = self.__dict__.get("_row_stacks")
         if stacks is None or not stacks.current(self, weights_fixed):
             stacks = _RowStacks(self, list(self._modules["lora_A"].keys()))
             self.__dict__["_row_stacks"] = stacks
-        return stacks.rows(routes, device)
+        groups = stacks.groups(self, routes, device) if grouped else None
+        if groups is not None:
+            return ("grouped", groups) if groups.pos.numel() else ("none", None)
+        return "rows", stacks.rows(routes, device)
 
     def _apply(self, fn: Any, recurse: bool = True) -> "LoraLayer":
         """``nn.Module._apply`` (``to``, ``half``, ``cuda``, ...), then drop the routing stacks:
@@ -373,8 +408,10 @@ class _RowStacks:
         self.weights = [w for n in names for w in (lora_a[n].weight, lora_b[n].weight)]
         self.marks = [(w.data_ptr(), w._version) for w in self.weights]
         self.scales = [layer.scaling[n] for n in names]
+        self.names = tuple(names)
         self.slot = {n: i for i, n in enumerate(names)}
-        self.gathered: dict[tuple[Any, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gathered: dict[tuple, Any] = {}  # per routing list: per-row weights or row groups
+        self.present: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per set of adapters in a batch
         rank = max(module.weight.shape[0] for module in lora_a.values())
         ref = next(iter(lora_a.values())).weight
         out_features, in_features = layer.base_weight().shape
@@ -396,6 +433,41 @@ class _RowStacks:
         return weights_fixed or (self.marks == [(w.data_ptr(), w._version) for w in self.weights]
                                  and self.scales == [layer.scaling[n] for n in self.slot])
 
+    def groups(self, layer: LoraLayer, routes: Any, device: torch.device) -> "_Groups | None":
+        """The rows of ``routes`` grouped by adapter (see :func:`_layout`); None where grouping pads too much.
+
+        The weights are the whole stacks when most adapters are in the batch
+        (read in place, nothing copied), else the present adapters' slots,
+        gathered once per *set* of adapters: rows joining or leaving a batch
+        rarely change that set. Grouping pads every adapter to the rows of the
+        busiest one; past twice the batch's rows the per-row kernel is used.
+        """
+        layout = _layout(layer.state, self.names, routes, device)
+        if layout is None:
+            return None
+        a, b = (self.a, self.b) if layout.whole else self._present(layout.present, device)
+        return _Groups(a, b, layout.width, layout.pos, layout.rows)
+
+    def _present(self, present: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacks' slots ``present`` (a copy), kept per set of slots."""
+        key = (present, device)
+        hit = self.present.get(key)
+        if hit is None:
+            index = torch.tensor(present, dtype=torch.long, device=device)
+            hit = (self.a[index], self.b[index])
+            if len(self.present) >= 2:  # the current set and the last
+                self.present.pop(next(iter(self.present)))
+            self.present[key] = hit
+        return hit
+
+    def _keep(self, key: Any, value: Any) -> None:
+        """Cache ``value`` while gradients are off; the oldest entries go past a few routing lists."""
+        if torch.is_grad_enabled():
+            return
+        if len(self.gathered) >= 6:
+            self.gathered.pop(next(iter(self.gathered)))
+        self.gathered[key] = value
+
     def rows(self, routes: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (A, scaled B^T) for ``routes`` (a tuple of adapter names or None), kept per routing list."""
         key = (routes, device)
@@ -405,35 +477,101 @@ class _RowStacks:
         zero = len(self.slot)
         index = torch.tensor([self.slot.get(n, zero) if n is not None else zero for n in routes], device=device)
         gathered = (self.a[index], self.b[index])
-        if not torch.is_grad_enabled():
-            # one gather costs (batch x the layer's LoRA size): keep the current routing list and the last
-            if len(self.gathered) >= 2:
-                self.gathered.pop(next(iter(self.gathered)))
-            self.gathered[key] = gathered
+        self._keep(key, gathered)  # one gather costs (batch x the layer's LoRA size)
         return gathered
 
 
-def _plan_step(layer: LoraLayer, batch: int, device: torch.device) -> tuple[str, Any]:
-    """What ``layer`` must do for the current plan: ("none"), ("terms", terms), ("rows", (A, B)), ("routed", route).
+class _Layout(NamedTuple):
+    """Where a routing list's rows go in the grouped kernel, for layers holding the same adapters."""
 
-    ``rows``: a Route whose entries are adapter names (or None), served by the
-    batched per-row kernel; ``routed``: any other Route (plans per example,
-    DoRA, embeddings), evaluated group by group.
+    width: int
+    pos: torch.Tensor
+    rows: torch.Tensor | None
+    present: tuple[int, ...]
+    whole: bool
+
+
+_NO_LAYOUT = object()
+
+
+def _layout(state: Any, names: tuple[str, ...], routes: tuple, device: torch.device) -> _Layout | None:
+    """The grouped kernel's layout of ``routes`` over a layer's adapter slots ``names`` (None: it pads too much).
+
+    It depends only on the routing list and the layer's adapters, so it is
+    worked out once per decoding step for all layers, not once per layer, and
+    kept (a few lists) until the adapters change.
+    """
+    cache = state.derive("lora-route-layouts", dict)
+    key = (routes, names, device)
+    hit = cache.get(key, _NO_LAYOUT)
+    if hit is not _NO_LAYOUT:
+        return hit
+    zero = len(names)
+    slot = {n: i for i, n in enumerate(names)}
+    slots = [slot.get(n, zero) if n is not None else zero for n in routes]
+    sizes = Counter(s for s in slots if s != zero)
+    found: _Layout | None
+    if not sizes:  # every row on the base model
+        found = _Layout(1, torch.zeros(0, dtype=torch.long, device=device), None, (), True)
+    else:
+        width = max(sizes.values())
+        whole = 2 * len(sizes) >= zero  # most adapters present: use the stacks as they are
+        if (zero + 1 if whole else len(sizes)) * width > 2 * len(routes):
+            found = None
+        else:
+            present = tuple(sorted(sizes))
+            group = {s: s for s in present} if whole else {s: g for g, s in enumerate(present)}
+            seen: Counter = Counter()
+            order, pos = [], []
+            for row, s in enumerate(slots):
+                if s != zero:
+                    order.append(row)
+                    pos.append(group[s] * width + seen[s])
+                    seen[s] += 1
+            rows = None if len(order) == len(routes) else torch.tensor(order, dtype=torch.long, device=device)
+            found = _Layout(width, torch.tensor(pos, dtype=torch.long, device=device), rows, present, whole)
+    if len(cache) >= 8:
+        cache.pop(next(iter(cache)))
+    cache[key] = found
+    return found
+
+
+class _Groups(NamedTuple):
+    """A routed batch's rows grouped by adapter: weights ``a`` (groups, rank, in) and ``b``
+    (groups, rank, out), ``width`` rows per group, each adapted row's place ``pos`` in the
+    (groups x width) block, and which rows those are (``rows``; None: every row, in order)."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    width: int
+    pos: torch.Tensor
+    rows: torch.Tensor | None
+
+
+def _plan_step(layer: LoraLayer, batch: int, device: torch.device, compiled: bool = False) -> tuple[str, Any]:
+    """What ``layer`` must do for the current plan: ("none"), ("terms", terms), ("rows", (A, B)),
+    ("grouped", groups), ("routed", route).
+
+    ``rows`` / ``grouped``: a Route whose entries are adapter names (or None),
+    served by the batched kernels (rows grouped by adapter where that pads
+    little, else one A and B per row); ``routed``: any other Route (plans per
+    example, DoRA, embeddings), evaluated group by group. ``compiled``: a
+    compiled graph runs the per-row kernel only, whose shapes do not depend on
+    the routing list (the grouped one's do, and would recompile it).
     """
     plan = layer.plan()
     if isinstance(plan, Route):
-        if layer.is_embedding or len(layer._modules["lora_magnitude_vector"]) \
-                or not all(e is None or isinstance(e, str) for e in plan.entries):
+        if layer.is_embedding or len(layer._modules["lora_magnitude_vector"]) or not plan.names_only:
             return "routed", plan
         if len(plan.entries) != batch:
             route_groups(plan, batch)  # raises the batch-size error
-        return "rows", layer._stacked(plan.entries, device, plan.weights_fixed)
+        return layer._stacked(plan.entries, device, plan.weights_fixed, grouped=not compiled)
     terms = cached_fold(layer, plan, layer.algebra)
     return ("terms", terms) if terms else ("none", None)
 
 
 # The same function, opaque to torch.compile (see LoraLayer.forward).
-_plan_step_opaque = torch.compiler.disable(_plan_step)
+_plan_step_opaque = torch.compiler.disable(functools.partial(_plan_step, compiled=True))
 
 
 _INPLACE_SAFE: tuple[type, ...] = (nn.Linear,) + tuple(t for t in LINEAR_TYPES if t is not nn.Linear)
