@@ -410,7 +410,7 @@ class _RowStacks:
         self.scales = [layer.scaling[n] for n in names]
         self.names = tuple(names)
         self.slot = {n: i for i, n in enumerate(names)}
-        self.gathered: dict[tuple, Any] = {}  # per routing list: per-row weights or row groups
+        self.gathered: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per routing list: per-row weights
         self.present: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # per set of adapters in a batch
         rank = max(module.weight.shape[0] for module in lora_a.values())
         ref = next(iter(lora_a.values())).weight
@@ -454,19 +454,8 @@ class _RowStacks:
         hit = self.present.get(key)
         if hit is None:
             index = torch.tensor(present, dtype=torch.long, device=device)
-            hit = (self.a[index], self.b[index])
-            if len(self.present) >= 2:  # the current set and the last
-                self.present.pop(next(iter(self.present)))
-            self.present[key] = hit
+            hit = _remember(self.present, key, (self.a[index], self.b[index]), 2)  # the current set and the last
         return hit
-
-    def _keep(self, key: Any, value: Any) -> None:
-        """Cache ``value`` while gradients are off; the oldest entries go past a few routing lists."""
-        if torch.is_grad_enabled():
-            return
-        if len(self.gathered) >= 6:
-            self.gathered.pop(next(iter(self.gathered)))
-        self.gathered[key] = value
 
     def rows(self, routes: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-row (A, scaled B^T) for ``routes`` (a tuple of adapter names or None), kept per routing list."""
@@ -477,7 +466,9 @@ class _RowStacks:
         zero = len(self.slot)
         index = torch.tensor([self.slot.get(n, zero) if n is not None else zero for n in routes], device=device)
         gathered = (self.a[index], self.b[index])
-        self._keep(key, gathered)  # one gather costs (batch x the layer's LoRA size)
+        if not torch.is_grad_enabled():
+            # one gather costs (batch x the layer's LoRA size): keep the current routing list and the last
+            _remember(self.gathered, key, gathered, 2)
         return gathered
 
 
@@ -530,10 +521,15 @@ def _layout(state: Any, names: tuple[str, ...], routes: tuple, device: torch.dev
                     seen[s] += 1
             rows = None if len(order) == len(routes) else torch.tensor(order, dtype=torch.long, device=device)
             found = _Layout(width, torch.tensor(pos, dtype=torch.long, device=device), rows, present, whole)
-    if len(cache) >= 8:
+    return _remember(cache, key, found, 8)
+
+
+def _remember(cache: dict, key: Any, value: Any, limit: int) -> Any:
+    """``cache[key] = value`` in a cache of at most ``limit`` entries (the oldest goes first); returns ``value``."""
+    if len(cache) >= limit:
         cache.pop(next(iter(cache)))
-    cache[key] = found
-    return found
+    cache[key] = value
+    return value
 
 
 class _Groups(NamedTuple):
