@@ -73,11 +73,11 @@ def build(scheme: str, library: str, checkpointing: bool) -> tuple[torch.nn.Modu
     return model.train(), loaded
 
 
-def loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The training loss as adapterkit's causal-LM task computes it (chunked when checkpointing)."""
+def loss(model: torch.nn.Module, ids: torch.Tensor, library: str) -> torch.Tensor:
+    """The training loss as each library computes it: adapterkit's causal-LM task (chunked), PEFT's model."""
     from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
 
-    if uses_chunked_lm_loss(model):
+    if library == "adapterkit" and uses_chunked_lm_loss(model):
         return chunked_lm_loss(model, {"input_ids": ids}, ids)
     return model(input_ids=ids, labels=ids).loss
 
@@ -98,7 +98,7 @@ def worker(scheme: str, library: str, steps: int, checkpointing: bool) -> None:
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            loss(model, ids).backward()
+            loss(model, ids, library).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)

@@ -100,13 +100,18 @@ def peft_wrap(kind: str, method: str, paths: list[str], ours: torch.nn.Module) -
     return peft.get_peft_model(base, config)
 
 
-def stepper(model: torch.nn.Module, inputs: dict, bf16: bool) -> Callable[[], None]:
+def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "adapterkit") -> Callable[[], None]:
+    """One training step as each library's trainer takes it (adapterkit's causal-LM loss is chunked)."""
+    from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
+    chunked = library == "adapterkit" and uses_chunked_lm_loss(model)  # False for classifiers: no output embedding
+    without_labels = {k: v for k, v in inputs.items() if k != "labels"}
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(**inputs).loss
+            loss = chunked_lm_loss(model, without_labels, inputs["labels"]) if chunked else model(**inputs).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -117,7 +122,7 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool) -> Callable[[], No
 def worker(kind: str, method: str, library: str, batch: int, seq: int, bf16: bool, checkpointing: bool) -> None:
     """Fresh-process memory measurement: peak RSS over three training steps."""
     model, inputs = build(kind, method, library, batch, seq, checkpointing)
-    step = stepper(model, inputs, bf16)
+    step = stepper(model, inputs, bf16, library)
     with common.PeakRSS() as rss:
         for _ in range(3):
             step()
@@ -157,7 +162,7 @@ def main() -> None:
     for kind, method, batch, seq in jobs:
         for bf16, ckpt in settings:
             libraries = ["full"] if method == "full" else ["adapterkit", "peft"]
-            steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16) for lib in libraries}
+            steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16, lib) for lib in libraries}
             seconds = common.interleaved(steps, args.repeats)
             tps = {lib: batch * seq / s for lib, s in seconds.items()}
             mem = {}
