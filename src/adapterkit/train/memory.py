@@ -37,8 +37,10 @@ MARK = "_adapterkit_checkpointed"
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute every transformer block's activations in the backward (non-reentrant), for any method.
 
-    A causal LM's training loss is also computed in chunks of tokens without
-    the full logits (``tasks/lm_loss.py``). Applies in training mode with
+    A causal LM's training loss is computed in chunks of tokens without the
+    full logits (``tasks/lm_loss.py``): by default where the head is a plain
+    linear layer, and after this call for any head whose output is the
+    logits (a head an adapter wraps then has each chunk checkpointed). Applies in training mode with
     gradients on; evaluation and generation run the blocks as they are.
     Calling it twice changes nothing.
 
