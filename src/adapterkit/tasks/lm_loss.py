@@ -181,9 +181,9 @@ def chunked_lm_loss(model: nn.Module, inputs: dict[str, Any], labels: torch.Tens
     keep = (targets != IGNORE).nonzero().squeeze(1)
     hidden, targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, keep), targets.index_select(0, keep)
     step = max(1, CHUNK_LOGITS // max(1, int(_unwrapped(model).config.vocab_size)))
+    if _plain_linear(head):  # its output is in the graph even with no labelled token (then the mean is nan)
+        return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, step) / len(targets)
     total = hidden.sum().float() * 0.0  # in the graph even with no labelled token (then the mean is nan)
-    if _plain_linear(head):
-        return (total + _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, step)) / len(targets)
     for start in range(0, len(targets), step):
         total = total + checkpoint(_chunk_loss, head, hidden[start:start + step], targets[start:start + step],
                                    use_reentrant=False)

@@ -40,8 +40,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     A causal LM's training loss is computed in chunks of tokens without the
     full logits (``tasks/lm_loss.py``): by default where the head is a plain
     linear layer, and after this call for any head whose output is the
-    logits (a head an adapter wraps then has each chunk checkpointed). Applies in training mode with
-    gradients on; evaluation and generation run the blocks as they are.
+    logits (a head an adapter wraps then has each chunk checkpointed).
+    Applies in training mode with gradients on; evaluation and generation
+    run the blocks as they are.
     Calling it twice changes nothing.
 
     Raises:
