@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapterkit.errors import UserError
+from adapterkit.runtime.allocator import CPU_ALLOCATOR_CHOICES
 from adapterkit.runtime.device import DEVICE_CHOICES
 from adapterkit.runtime.precision import PRECISION_CHOICES
 from adapterkit.runtime.runtime import STRATEGY_CHOICES
@@ -112,6 +113,11 @@ class TrainConfig:
         gradient_checkpointing: recompute each block's activations in the
             backward instead of keeping them (less memory, ~30% more time);
             works with every method.
+        cpu_allocator: ``default``, or ``lean``: glibc hands every freed block
+            of 1 MiB or more back to the system at once, so a CPU run's
+            resident memory follows its live tensors (0.4-0.65x the peak in
+            ``docs/benchmarks.md`` section 6, ~25% more time per step;
+            process-wide from then on; ``runtime/allocator.py``).
         strategy: ``auto`` (DDP under ``torchrun`` with several processes,
             else one process), ``none``, ``ddp``, or ``fsdp`` (FSDP2: the
             frozen base sharded per transformer block).
@@ -149,6 +155,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    cpu_allocator: str = "default"
     adapter_layers: str | None = None
     cache_frozen_prefix: bool = False
     prefix_cache_mb: int = 2048
@@ -180,7 +187,8 @@ class TrainConfig:
         if self.warmup_steps is not None and (isinstance(self.warmup_steps, bool)
                                               or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
             raise TrainConfigError(f"{_label('warmup_steps')} must be an integer >= 0, got {self.warmup_steps!r}")
-        for name, choices in (("precision", PRECISION_CHOICES), ("strategy", STRATEGY_CHOICES)):
+        for name, choices in (("precision", PRECISION_CHOICES), ("strategy", STRATEGY_CHOICES),
+                              ("cpu_allocator", CPU_ALLOCATOR_CHOICES)):
             if getattr(self, name) not in choices:
                 raise TrainConfigError(f"{_label(name)} must be one of {list(choices)}, got {getattr(self, name)!r}")
         kind = self.device.split(":")[0] if isinstance(self.device, str) else None

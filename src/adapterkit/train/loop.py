@@ -24,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.core.lifecycle import active_adapters, place_in_layers
 from adapterkit.data.examples import TaskData
 from adapterkit.evaluate.plots import plot_confusion_matrix
+from adapterkit.runtime.allocator import apply_cpu_allocator
 from adapterkit.runtime.distributed import whole_parameters, wrap_model
 from adapterkit.runtime.precision import grad_scaler, native_bf16
 from adapterkit.runtime.runtime import Runtime, resolve_runtime
@@ -105,6 +106,10 @@ def train(
         run_folder = RunFolder.prepare(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
+    if config.cpu_allocator != "default" and runtime.device.type == "cpu" and not apply_cpu_allocator(
+            config.cpu_allocator):
+        warnings.warn(f"cpu_allocator={config.cpu_allocator!r} needs glibc (Linux); this C library keeps its "
+                      "own behaviour and the run goes on unchanged", stacklevel=2)
     seed_everything(config.seed + runtime.rank)  # each process its own dropout masks; one process as before
     if eval_data is not None:
         eval_data = task.relabel(eval_data, train_data.labels)
