@@ -1,6 +1,7 @@
 """LoRA on a quantised frozen base: peak training memory and speed against PEFT + bitsandbytes, and load time.
 
     python bench/quantized.py [--schemes fp32 int8 nf4] [--steps 4] [--skip-peft] [--checkpointing off|on|both]
+                              [--cpu-allocators default lean]
 
 SmolLM2-135M causal LM, LoRA r8 on q/k/v/o, batch 8, length 256, AdamW, the
 same random batch for every run. Each (scheme, library) runs in a fresh
@@ -16,8 +17,11 @@ and with gradient checkpointing (adapterkit: ``--gradient-checkpointing``,
 blocks plus the chunked causal-LM loss; PEFT: transformers' non-reentrant
 checkpointing). Memory is reported as the whole process's peak RSS and as the
 peak above the RSS once torch, transformers, PEFT and the backends are
-imported (what training itself adds). Goals: nf4 peak memory <= 0.45x
-float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same scheme.
+imported (what training itself adds). ``--cpu-allocators default lean``
+adds adapterkit rows trained with ``TrainConfig.cpu_allocator="lean"``
+(glibc returns freed blocks of 1 MiB or more at once; PEFT's rows keep the
+C library's default, as its documentation does). Goals: nf4 peak memory
+<= 0.45x float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same scheme.
 """
 
 from __future__ import annotations
@@ -82,12 +86,15 @@ def loss(model: torch.nn.Module, ids: torch.Tensor, library: str) -> torch.Tenso
     return model(input_ids=ids, labels=ids).loss
 
 
-def worker(scheme: str, library: str, steps: int, checkpointing: bool) -> None:
+def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator: str) -> None:
     import bitsandbytes  # noqa: F401  every library imported first: the baseline holds them all
     import peft  # noqa: F401
     import torchao  # noqa: F401
 
     import adapterkit  # noqa: F401
+    from adapterkit.runtime.allocator import apply_cpu_allocator
+
+    apply_cpu_allocator(allocator)  # what the training loop does with TrainConfig.cpu_allocator
 
     torch.manual_seed(0)
     before = common.PeakRSS.current()  # torch, transformers and the backends imported
@@ -114,40 +121,46 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--checkpointing", choices=["off", "on", "both"], default="both",
                         help="gradient checkpointing (adapterkit: blocks + chunked loss; PEFT: transformers')")
-    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--cpu-allocators", nargs="+", default=["default"], choices=["default", "lean"],
+                        help="adapterkit rows with each TrainConfig.cpu_allocator (PEFT keeps the default)")
+    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3] == "on")
+        worker(args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3] == "on", args.worker[4])
         return
     print(common.machine())
-    libraries = ["adapterkit"] + ([] if args.skip_peft else ["peft"])
+    libraries = [f"adapterkit/{a}" for a in args.cpu_allocators] + ([] if args.skip_peft else ["peft/default"])
     settings = ["off", "on"] if args.checkpointing == "both" else [args.checkpointing]
     results: dict[tuple[str, str, str], dict] = {}
     for ckpt in settings:
         for scheme in args.schemes:
             for library in libraries:
                 key = (scheme, library, ckpt)
+                name, allocator = library.split("/")
                 try:
-                    results[key] = common.run_isolated(__file__, ["--worker", scheme, library, str(args.steps), ckpt])
+                    results[key] = common.run_isolated(__file__, ["--worker", scheme, name, str(args.steps), ckpt,
+                                                                  allocator])
                 except Exception as err:  # a peer that cannot run this scheme here is reported, not fatal
                     text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
                     results[key] = {"error": text[-1][:160]}
                 print(key, results[key], flush=True)
-    plain_base = results.get(("fp32", "adapterkit", "off"), {})
+    base_library = libraries[0]  # adapterkit with the first allocator named (the default unless told)
+    plain_base = results.get(("fp32", base_library, "off"), {})
     rows = []
     for (scheme, library, ckpt), r in results.items():
         if "error" in r:
-            rows.append([ckpt, scheme, library] + ["-"] * 6 + [r["error"]])
+            rows.append([ckpt, scheme, library] + ["-"] * 7 + [r["error"]])
             continue
-        base = results.get(("fp32", "adapterkit", ckpt), {})
-        peer = results.get((scheme, "peft", ckpt), {})
+        base = results.get(("fp32", library, ckpt), {})
+        peer = results.get((scheme, "peft/default", ckpt), {})
         ratio = lambda a, b, key: f"{a[key] / b[key]:.3f}" if key in b else "-"  # noqa: E731
         rows.append([ckpt, scheme, library, f"{r['peak_rss_mib']:.0f}", ratio(r, base, "peak_rss_mib"),
                      f"{r['above_imports_mib']:.0f}", ratio(r, base, "above_imports_mib"),
                      ratio(r, plain_base, "above_imports_mib"), f"{r['tokens_per_s']:.0f}",
                      ratio(r, peer, "tokens_per_s"), f"{r['load_s']:.1f}"])
-    print(common.table(["checkpointing", "scheme", "library", "peak RSS MiB", "vs ak fp32", "above imports MiB",
-                        "vs ak fp32", "vs ak fp32 no ckpt", "tokens/s", "vs PEFT same scheme", "load s"], rows))
+    print(common.table(["checkpointing", "scheme", "library/allocator", "peak RSS MiB",
+                        "vs fp32, same row settings", "above imports MiB", "vs fp32, same row settings",
+                        f"vs {base_library} fp32 no ckpt", "tokens/s", "vs PEFT same scheme", "load s"], rows))
 
 
 if __name__ == "__main__":
