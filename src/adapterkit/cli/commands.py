@@ -110,7 +110,7 @@ def train(
             where the hardware runs it natively (docs/benchmarks.md says why it is not the default).
         gradient_checkpointing: recompute activations in the backward (less memory, more time); any method.
         cpu_allocator: lean: on a CPU, glibc hands freed memory back at once (resident memory follows the live
-            tensors: ~0.4-0.65x the peak, ~25% more time per step); default leaves the C library as it is.
+            tensors: 0.5-0.8x the peak, for 1.15-1.3x the time per step); default leaves the C library as it is.
         adapter_layers: top:K puts the adapter in the top K blocks only (bottom:K, or 3,4,5 also work): the
             backward stops below the lowest one (faster; `adapterkit analyze --ablate` says which K is safe).
         cache_frozen_prefix: with --adapter-layers top:K, keep each example's input to the lowest adapted block

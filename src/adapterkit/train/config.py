@@ -115,8 +115,8 @@ class TrainConfig:
             works with every method.
         cpu_allocator: ``default``, or ``lean``: glibc hands every freed block
             of 1 MiB or more back to the system at once, so a CPU run's
-            resident memory follows its live tensors (0.4-0.65x the peak in
-            ``docs/benchmarks.md`` section 6, ~25% more time per step;
+            resident memory follows its live tensors (0.5-0.8x the peak in
+            ``docs/benchmarks.md`` section 6, for 1.15-1.3x the time per step;
             process-wide from then on; ``runtime/allocator.py``).
         strategy: ``auto`` (DDP under ``torchrun`` with several processes,
             else one process), ``none``, ``ddp``, or ``fsdp`` (FSDP2: the
