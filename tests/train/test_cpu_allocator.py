@@ -24,7 +24,7 @@ from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentimen
 PROBE = textwrap.dedent("""
     import json, os, sys
     import torch
-    from adapterkit.runtime.allocator import apply_cpu_allocator
+    from adapterkit.runtime.allocator import apply_cpu_allocator, return_freed_memory
 
     def rss():
         with open("/proc/self/statm") as f:
@@ -37,12 +37,14 @@ PROBE = textwrap.dedent("""
     before = rss()
     freed = sum(b.numel() * 4 for b in blocks[::2])
     del blocks[::2]
-    print(json.dumps({"applied": applied, "returned": (before - rss()) / freed}))
+    trimmed = return_freed_memory() if sys.argv[2:] == ["trim"] else None
+    print(json.dumps({"applied": applied, "trimmed": trimmed, "returned": (before - rss()) / freed}))
 """)
 
 
-def _probe(choice: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", PROBE, choice], capture_output=True, text=True, timeout=120)
+def _probe(choice: str, *extra: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", PROBE, choice, *extra], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -57,6 +59,14 @@ def test_lean_returns_freed_blocks_that_the_default_keeps():
     if GLIBC:  # the CI's and every Linux wheel's C library
         assert default["returned"] < 0.25, default  # the holes stay resident
         assert lean["returned"] > 0.9, lean  # each 2 MiB block was mapped alone and unmapped on free
+
+
+def test_trimming_once_returns_the_holes_the_default_keeps():
+    """What quantising calls after dropping the float weights: one malloc_trim, no lasting setting."""
+    trimmed = _probe("default", "trim")
+    assert trimmed["trimmed"] is GLIBC
+    if GLIBC:
+        assert trimmed["returned"] > 0.9, trimmed
 
 
 def test_unknown_choice_is_refused_with_the_choices():

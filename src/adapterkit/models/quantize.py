@@ -91,14 +91,12 @@ def quantize_model(model: nn.Module, scheme: str) -> Quantization:
 
 def _return_freed_memory() -> None:
     """Hand the float weights' freed heap memory back to the system (glibc keeps it otherwise); best effort."""
-    import ctypes
     import gc
 
+    from adapterkit.runtime.allocator import return_freed_memory
+
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
+    return_freed_memory()
 
 
 def _own_float_tensors(model: nn.Module) -> None:

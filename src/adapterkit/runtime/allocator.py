@@ -1,4 +1,4 @@
-"""How the C library's allocator hands CPU memory back: ``TrainConfig.cpu_allocator``.
+"""How the C library's allocator hands CPU memory back: ``TrainConfig.cpu_allocator``, and trimming once.
 
 PyTorch takes CPU tensors from the C library's ``malloc``. glibc serves a
 request from its heap unless the request is at least its *mmap threshold*,
@@ -29,10 +29,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
-from typing import Literal
+from typing import Literal, get_args
 
 CpuAllocator = Literal["default", "lean"]
-CPU_ALLOCATOR_CHOICES: tuple[str, ...] = ("default", "lean")
+CPU_ALLOCATOR_CHOICES: tuple[str, ...] = get_args(CpuAllocator)
 
 # mallopt's parameter number for the mmap threshold (glibc's <malloc.h>), and the value "lean" sets
 _M_MMAP_THRESHOLD = -3
@@ -67,3 +67,14 @@ def apply_cpu_allocator(choice: str) -> bool:
     if libc is None:
         return False
     return bool(libc.mallopt(ctypes.c_int(_M_MMAP_THRESHOLD), ctypes.c_int(LEAN_MMAP_THRESHOLD)))
+
+
+def return_freed_memory() -> bool:
+    """Hand the heap's free pages back to the system now (glibc's ``malloc_trim``); whether glibc did.
+
+    For a one-off moment when much was freed at once (a float checkpoint's
+    weights after quantising); it changes no setting. ``False`` with another
+    C library, where there is nothing to do.
+    """
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(ctypes.c_size_t(0)))
