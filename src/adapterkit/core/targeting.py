@@ -29,6 +29,21 @@ except ImportError:  # pragma: no cover - transformers is a dependency
 
 LINEAR_TYPES: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if Conv1D is not None else ())
 
+# Layer types whose output autograd does not keep for the backward: nothing else holds a fresh
+# output, so an adapter may add to it or scale it in place. Other layer types (a quantised
+# layer's) join through register_fresh_output once their forward is known to allow it.
+_FRESH_OUTPUT: set[type] = set(LINEAR_TYPES)
+
+
+def register_fresh_output(module_type: type) -> None:
+    """Declare that ``module_type``'s forward returns a tensor nothing else keeps (in-place updates are safe)."""
+    _FRESH_OUTPUT.add(module_type)
+
+
+def has_fresh_output(module: nn.Module) -> bool:
+    """True when ``module``'s exact type returns an output that may be updated in place."""
+    return type(module) in _FRESH_OUTPUT
+
 
 class TargetError(UserError, ValueError):
     """The requested targets match nothing usable in the model."""

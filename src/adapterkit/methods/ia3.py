@@ -28,7 +28,7 @@ from adapterkit.core.layers import AdapterLayer, MergeError, call_rows, innermos
 from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register, wrap
 from adapterkit.core.state import AdapterState
-from adapterkit.core.targeting import LINEAR_TYPES, keep_layers, resolve_targets
+from adapterkit.core.targeting import LINEAR_TYPES, has_fresh_output, keep_layers, resolve_targets
 from adapterkit.methods._inplace_scale import scale_output
 
 DEFAULT_ROLES = ("key", "value", "ffn_out")
@@ -161,7 +161,7 @@ class IA3Layer(AdapterLayer):
             result = call(x)
             if scale_out is not None:
                 # a plain layer's fresh output is held by nobody else: scale it in place
-                result = scale_output(result, scale_out, self.base_layer.__class__ in LINEAR_TYPES)
+                result = scale_output(result, scale_out, has_fresh_output(self.base_layer))
             return result
         if kind == "chain":
             inner = call
@@ -224,10 +224,12 @@ class IA3Layer(AdapterLayer):
         core = self.base_layer
         if scale_in is not None:  # columns of a Linear weight (out, in); rows of Conv1D (in, out)
             vec = scale_in.detach()
-            update_base_tensor(core, "weight", lambda w: w * (vec.unsqueeze(1) if self.fan_in_fan_out else vec).to(w.dtype))
+            per_input = vec.unsqueeze(1) if self.fan_in_fan_out else vec
+            update_base_tensor(core, "weight", lambda w: w * per_input.to(w.dtype))
         if scale_out is not None:
             vec = scale_out.detach()
-            update_base_tensor(core, "weight", lambda w: w * (vec if self.fan_in_fan_out else vec.unsqueeze(1)).to(w.dtype))
+            per_output = vec if self.fan_in_fan_out else vec.unsqueeze(1)
+            update_base_tensor(core, "weight", lambda w: w * per_output.to(w.dtype))
             if core.bias is not None:
                 update_base_tensor(core, "bias", lambda b: b * vec.to(b.dtype))
         return self.base_layer

@@ -32,7 +32,7 @@ from adapterkit.core.compose import cached_fold, route_groups
 from adapterkit.core.layers import AdapterLayer, MergeError, Terms, WeightedTerms, apply_terms, routed_sum
 from adapterkit.core.plan import Plan, Route
 from adapterkit.core.registry import Method, register
-from adapterkit.core.targeting import LINEAR_TYPES, keep_layers, resolve_targets
+from adapterkit.core.targeting import LINEAR_TYPES, has_fresh_output, keep_layers, resolve_targets
 
 # What LoRA adapts when a config names no targets: the attention projections
 # and the FFN of every layer, found through the architecture table's roles.
@@ -193,7 +193,7 @@ class LoraLayer(AdapterLayer):
         # The plain linear layers do not keep their output for backward, so the
         # deltas can be added in place (one (..., out) allocation fewer per adapter).
         dora = modules["lora_magnitude_vector"]
-        in_place = modules["base_layer"].__class__ in _INPLACE_SAFE and not any(n in dora for n, _ in terms)
+        in_place = has_fresh_output(modules["base_layer"]) and not any(n in dora for n, _ in terms)
         fused = in_place and not torch.is_grad_enabled() and not self.is_embedding and result.is_contiguous()
         for name, weight in terms:
             if fused and modules["lora_B"][name].weight.dtype == result.dtype:
@@ -242,7 +242,7 @@ class LoraLayer(AdapterLayer):
         batch, out_features = x.shape[0], b_rows.shape[-1]
         rows = x.reshape(batch, -1, x.shape[-1]).to(a_rows.dtype)  # (batch, tokens, in)
         hidden = torch.bmm(a_rows, rows.transpose(1, 2)).transpose(1, 2)  # (batch, tokens, rank)
-        if (self.base_layer.__class__ in _INPLACE_SAFE and result.is_contiguous()
+        if (has_fresh_output(self.base_layer) and result.is_contiguous()
                 and result.dtype == b_rows.dtype):
             # the plain layers keep nothing of their output for backward: add in place
             result.view(batch, -1, out_features).baddbmm_(hidden, b_rows)
@@ -270,7 +270,7 @@ class LoraLayer(AdapterLayer):
         hidden = torch.bmm(a, block.view(count, width * tokens, in_features).transpose(1, 2))  # (count, rank, w*t)
         delta = torch.bmm(hidden.transpose(1, 2), b).view(count * width, tokens, out_features)
         delta = delta.index_select(0, groups.pos).to(result.dtype)  # (adapted rows, tokens, out)
-        in_place = self.base_layer.__class__ in _INPLACE_SAFE and result.is_contiguous()
+        in_place = has_fresh_output(self.base_layer) and result.is_contiguous()
         target = result.view(batch, tokens, out_features) if in_place else result.reshape(batch, tokens, out_features)
         if groups.rows is None:
             summed = target.add_(delta) if in_place else target + delta
@@ -569,8 +569,6 @@ def _plan_step(layer: LoraLayer, batch: int, device: torch.device, compiled: boo
 # The same function, opaque to torch.compile (see LoraLayer.forward).
 _plan_step_opaque = torch.compiler.disable(functools.partial(_plan_step, compiled=True))
 
-
-_INPLACE_SAFE: tuple[type, ...] = (nn.Linear,) + tuple(t for t in LINEAR_TYPES if t is not nn.Linear)
 
 
 def base_layer_core(module: nn.Module) -> nn.Module:

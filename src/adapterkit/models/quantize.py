@@ -9,9 +9,11 @@ Backends (internal; both run on the CPU with torch 2.13 and use their GPU
 kernels on a GPU):
 
 - ``int8``: torchao's ``Int8WeightOnlyConfig`` (per-channel symmetric int8
-  weights, float activations). The layer stays an ``nn.Linear`` whose weight
-  is a torchao tensor subclass; gradients reach the input through the
-  dequantised weight.
+  weights, float activations). The weight is a torchao tensor subclass; the
+  layer becomes an :class:`~adapterkit.models.int8_linear.Int8WeightOnlyLinear`
+  (an ``nn.Linear``) that rebuilds the float weight for each product, forward
+  and backward, instead of letting autograd keep a float copy of it, and
+  gradients reach the input through that dequantised weight.
 - ``nf4`` / ``fp4``: bitsandbytes' ``Linear4bit`` (block size 64, double
   quantisation of the scales), computing in float32.
 
@@ -140,8 +142,13 @@ def _int8(model: nn.Module, paths: list[str]) -> Quantization:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as err:
         raise QuantizationError(f"quantize='int8' needs torchao (pip install 'torchao==0.18.*'): {err}") from None
+    from adapterkit.core.layers import set_submodule
+    from adapterkit.models.int8_linear import Int8WeightOnlyLinear
+
     chosen = set(paths)
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, path: path in chosen)
+    for path in paths:  # torchao stores the weight; the product keeps no float copy of it (models/int8_linear.py)
+        set_submodule(model, path, Int8WeightOnlyLinear.from_linear(model.get_submodule(path)))
     return Quantization(scheme="int8", backend="torchao Int8WeightOnlyConfig", layers=len(paths))
 
 
@@ -298,9 +305,13 @@ def _register() -> None:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         Linear4bit = None  # noqa: N806
+    from adapterkit.core.targeting import register_fresh_output
+    from adapterkit.models.int8_linear import Int8WeightOnlyLinear
+
     if Linear4bit is not None:
         register_base_access(Linear4bit, FourBitAccess())
     register_base_access(nn.Linear, Int8Access())  # plain weights pass straight through it
+    register_fresh_output(Int8WeightOnlyLinear)  # its autograd function keeps the int8 weight, not the output
 
 
 def is_quantized_module(module: nn.Module) -> bool:

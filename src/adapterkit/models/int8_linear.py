@@ -1,0 +1,93 @@
+"""The int8 base's linear layer: the float weight is rebuilt for each product and never kept.
+
+torchao's ``Int8WeightOnlyConfig`` stores a linear weight as an ``Int8Tensor``
+(``qdata``: int8, (out, in); ``scale``: float, (out, 1); one scale per output
+row). Its own ``F.linear`` turns ``qdata`` into a float (in, out) matrix, multiplies,
+and scales the product; autograd then keeps that float matrix until the backward
+reaches the layer, so a step without gradient checkpointing holds a float32 copy
+of every quantised weight (0.43 GB on SmolLM2-135M, more than the int8 storage
+saves). :class:`Int8WeightOnlyLinear` computes the same product through an
+autograd function that keeps only the int8 tensor and its scales and rebuilds
+the float weight in the backward, where the input's gradient needs it.
+
+The storage, the quantiser and everything that reads or writes the weight
+(merging, export, the memory report) stay torchao's; only the product changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def _dequantized(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``qdata * scale`` in ``dtype``, (out, in): the float weight the int8 tensor stands for."""
+    return qdata.to(dtype).mul_(scale.to(dtype))
+
+
+class _Int8Product(torch.autograd.Function):
+    """``x @ (qdata * scale)^T + bias``; the backward rebuilds the weight instead of keeping it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(qdata, scale)
+        # matmul, then the bias: F.linear with a bias returns a view of its product for a 3-d input,
+        # and an adapter adding to a custom function's output in place needs it to be no view
+        out = torch.matmul(x, _dequantized(qdata, scale, x.dtype).t())
+        return out if bias is None else out.add_(bias.to(out.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
+        qdata, scale = ctx.saved_tensors
+        grad_x = grad @ _dequantized(qdata, scale, grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias
+
+
+class Int8WeightOnlyLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is a torchao per-row int8 ``Int8Tensor`` (weight-only).
+
+    The weight is frozen (it stores no gradient); the bias may train (BitFit),
+    and gradients reach the input. Build one with :meth:`from_linear`.
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
+        """The same layer (the same weight and bias objects) computing through the int8 product.
+
+        Raises ``ValueError`` when ``linear``'s weight is not a per-row, weight-only
+        torchao ``Int8Tensor``, the layout the product assumes.
+        """
+        weight = linear.weight
+        problem = _unsupported(weight)
+        if problem:
+            raise ValueError(f"expected a linear layer whose weight torchao's Int8WeightOnlyConfig quantised "
+                             f"per row; found {problem}")
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        return _Int8Product.apply(x, weight.qdata, weight.scale, self.bias)
+
+
+def _unsupported(weight: Any) -> str:
+    """What stops ``weight`` from going through the int8 product ('' when nothing does)."""
+    if type(weight).__name__ != "Int8Tensor" or not type(weight).__module__.startswith("torchao"):
+        return f"a weight of type {type(weight).__name__}"
+    out_features, in_features = weight.qdata.shape
+    if list(weight.block_size) != [1, in_features]:
+        return f"an Int8Tensor with block size {list(weight.block_size)} (per row would be [1, {in_features}])"
+    if weight.act_quant_kwargs is not None or getattr(weight, "act_pre_scale", None) is not None:
+        return "an Int8Tensor that also quantises or scales the activations"
+    if weight.zero_point is not None and bool(weight.zero_point.any()):
+        return "an Int8Tensor with nonzero zero points (asymmetric)"
+    if tuple(weight.scale.shape) != (out_features, 1):
+        return f"an Int8Tensor with scales of shape {tuple(weight.scale.shape)}"
+    return ""
