@@ -142,3 +142,18 @@ def test_bf16_autocast_computes_in_bf16_and_reaches_the_input() -> None:
 def test_a_layer_that_is_not_per_row_int8_is_refused_with_what_was_found() -> None:
     with pytest.raises(ValueError, match="per row; found a weight of type Parameter"):
         Int8WeightOnlyLinear.from_linear(nn.Linear(IN, OUT))
+
+
+def test_the_compiled_layer_computes_what_the_eager_one_does() -> None:
+    """torch.compile (train --compile) traces the autograd function and the int8 tensor's fields."""
+    layer = Int8WeightOnlyLinear.from_linear(_torchao_linear(True))
+    compiled = torch.compile(layer, dynamic=False)
+    x = torch.randn(2, 5, IN, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    got = compiled(x)
+    got.sum().backward()
+    got_grad, x.grad = x.grad, None
+    want = layer(x)
+    want.sum().backward()
+    scale = _tolerance(x, layer.weight.dequantize(), IN)
+    torch.testing.assert_close(got, want, rtol=0, atol=scale)
+    torch.testing.assert_close(got_grad, x.grad, rtol=0, atol=_tolerance(torch.ones(1), layer.weight.dequantize(), OUT))
