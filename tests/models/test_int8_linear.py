@@ -157,3 +157,22 @@ def test_the_compiled_layer_computes_what_the_eager_one_does() -> None:
     scale = _tolerance(x, layer.weight.dequantize(), IN)
     torch.testing.assert_close(got, want, rtol=0, atol=scale)
     torch.testing.assert_close(got_grad, x.grad, rtol=0, atol=_tolerance(torch.ones(1), layer.weight.dequantize(), OUT))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_without_gradients_takes_the_int8_kernel_and_computes_the_same(bias: bool, monkeypatch) -> None:
+    """Decoding one token: ATen's int8 weight kernel, within float32 rounding of the dequantised layer."""
+    layer = Int8WeightOnlyLinear.from_linear(_torchao_linear(bias))
+    calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *args: calls.append(1) or kernel(*args))
+    x = torch.randn(1, 1, IN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = layer(x)
+    assert calls == [1] and got.shape == (1, 1, OUT)
+    want, _, _ = _float64_reference(layer, x, torch.zeros(1, 1, OUT))
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=_tolerance(x, layer.weight.dequantize(), IN))
+    with torch.no_grad():
+        layer(torch.randn(2, IN))  # two rows: the general product
+    layer(x.clone().requires_grad_(True)).sum().backward()  # a gradient to take: the general product
+    assert calls == [1]
