@@ -570,7 +570,6 @@ def _plan_step(layer: LoraLayer, batch: int, device: torch.device, compiled: boo
 _plan_step_opaque = torch.compiler.disable(functools.partial(_plan_step, compiled=True))
 
 
-
 def base_layer_core(module: nn.Module) -> nn.Module:
     """The innermost original module (LoRA may wrap another method's wrapper)."""
     while isinstance(module, AdapterLayer):
