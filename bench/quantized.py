@@ -1,7 +1,7 @@
 """LoRA on a quantised frozen base: peak training memory and speed against PEFT + bitsandbytes, and load time.
 
     python bench/quantized.py [--schemes fp32 int8 nf4] [--steps 4] [--skip-peft] [--checkpointing off|on|both]
-                              [--cpu-allocators default lean]
+                              [--cpu-allocators default lean] [--paired N]
 
 SmolLM2-135M causal LM, LoRA r8 on q/k/v/o, batch 8, length 256, AdamW, the
 same random batch for every run. Each (scheme, library) runs in a fresh
@@ -22,6 +22,14 @@ adds adapterkit rows trained with ``TrainConfig.cpu_allocator="lean"``
 (glibc returns freed blocks of 1 MiB or more at once; PEFT's rows keep the
 C library's default, as its documentation does). Goals: nf4 peak memory
 <= 0.45x float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same scheme.
+
+The speed of a shared 2-core machine drifts by 10-20% between processes and
+over minutes, more than the differences measured here. ``--paired N`` adds a
+second speed measurement that this drift cannot bias: for each scheme and
+checkpointing setting, one process builds both libraries' models and times N
+rounds of one step each, alternating which goes first; the table gives the
+median of the per-round ratios and their range. Memory is only measured in
+the isolated runs (two models in one process share a heap).
 """
 
 from __future__ import annotations
@@ -114,6 +122,33 @@ def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator
                       "load_s": loaded}))
 
 
+def paired_worker(scheme: str, steps: int, checkpointing: bool) -> None:
+    """Both libraries' models in this process, one step each per round, alternating which goes first."""
+    torch.manual_seed(0)
+    step, ids = {}, None
+    for library in ("adapterkit", "peft"):
+        model, _ = build(scheme, library, checkpointing)
+        ids = torch.randint(5, model.config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def one_step(model=model, optimizer=optimizer, library=library) -> None:
+            loss(model, ids, library).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        one_step()  # warm-up
+        step[library] = one_step
+    seconds: dict[str, list[float]] = {"adapterkit": [], "peft": []}
+    for round_ in range(steps):
+        for library in (("adapterkit", "peft") if round_ % 2 == 0 else ("peft", "adapterkit")):
+            start = time.perf_counter()
+            step[library]()
+            seconds[library].append(time.perf_counter() - start)
+    ratios = [p / a for a, p in zip(seconds["adapterkit"], seconds["peft"])]
+    print(json.dumps({"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+                      **{f"{k}_tokens_per_s": BATCH * LENGTH / statistics.median(v) for k, v in seconds.items()}}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--schemes", nargs="+", default=["fp32", "int8", "nf4"], choices=["fp32", "int8", "nf4"])
@@ -123,10 +158,16 @@ def main() -> None:
                         help="gradient checkpointing (adapterkit: blocks + chunked loss; PEFT: transformers')")
     parser.add_argument("--cpu-allocators", nargs="+", default=["default"], choices=["default", "lean"],
                         help="adapterkit rows with each TrainConfig.cpu_allocator (PEFT keeps the default)")
+    parser.add_argument("--paired", type=int, default=0, metavar="N",
+                        help="also time N alternating rounds of both libraries in one process per scheme")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--paired-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args.worker[0], args.worker[1], int(args.worker[2]), args.worker[3] == "on", args.worker[4])
+        return
+    if args.paired_worker:
+        paired_worker(args.paired_worker[0], int(args.paired_worker[1]), args.paired_worker[2] == "on")
         return
     print(common.machine())
     libraries = [f"adapterkit/{a}" for a in args.cpu_allocators] + ([] if args.skip_peft else ["peft/default"])
@@ -161,6 +202,27 @@ def main() -> None:
     print(common.table(["checkpointing", "scheme", "library/allocator", "peak RSS MiB",
                         "vs fp32, same row settings", "above imports MiB", "vs fp32, same row settings",
                         f"vs {base_library} fp32 no ckpt", "tokens/s", "vs PEFT same scheme", "load s"], rows))
+    if args.paired and not args.skip_peft:
+        print_paired(args.schemes, settings, args.paired)
+
+
+def print_paired(schemes: list[str], settings: list[str], rounds: int) -> None:
+    """The one-process, alternating speed comparison of ``--paired``, as a table."""
+    rows = []
+    for ckpt in settings:
+        for scheme in schemes:
+            try:
+                r = common.run_isolated(__file__, ["--paired-worker", scheme, str(rounds), ckpt])
+            except Exception as err:
+                text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
+                rows.append([ckpt, scheme, "-", "-", text[-1][:160]])
+                continue
+            print((scheme, ckpt, "paired"), r, flush=True)
+            rows.append([ckpt, scheme, f"{r['adapterkit_tokens_per_s']:.0f}", f"{r['peft_tokens_per_s']:.0f}",
+                         f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})"])
+    print(f"\nSpeed in one process, {rounds} alternating rounds (default allocator on both sides):\n")
+    print(common.table(["checkpointing", "scheme", "adapterkit tokens/s", "PEFT tokens/s",
+                        "adapterkit vs PEFT, median of rounds (range)"], rows))
 
 
 if __name__ == "__main__":
