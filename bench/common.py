@@ -119,9 +119,10 @@ class PeakRSS:
         self.peak = max(self.peak, self.current())
 
 
-def run_isolated(script: str, args: Sequence[str]) -> dict:
-    """Run ``script`` in a fresh Python process and parse the JSON it prints last."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True)
+def run_isolated(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> dict:
+    """Run ``script`` in a fresh Python process (with ``env`` added to this one's) and parse the JSON it prints last."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True,
+                         env=None if env is None else {**os.environ, **env})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -1,7 +1,7 @@
 """LoRA on a quantised frozen base: peak training memory and speed against PEFT + bitsandbytes, and load time.
 
     python bench/quantized.py [--schemes fp32 int8 nf4] [--steps 4] [--skip-peft] [--checkpointing off|on|both]
-                              [--cpu-allocators default lean] [--paired N]
+                              [--cpu-allocators default lean] [--thp] [--paired N]
 
 SmolLM2-135M causal LM, LoRA r8 on q/k/v/o, batch 8, length 256, AdamW, the
 same random batch for every run. Each (scheme, library) runs in a fresh
@@ -20,7 +20,11 @@ peak above the RSS once torch, transformers, PEFT and the backends are
 imported (what training itself adds). ``--cpu-allocators default lean``
 adds adapterkit rows trained with ``TrainConfig.cpu_allocator="lean"``
 (glibc returns freed blocks of 1 MiB or more at once; PEFT's rows keep the
-C library's default, as its documentation does). Goals: nf4 peak memory
+C library's default, as its documentation does). ``--thp`` repeats every row
+in a process started with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's own switch:
+its CPU allocator page-aligns every block and asks the kernel for
+transparent huge pages on blocks of 2 MiB or more; it is read once, before
+the first allocation, so it can only be set for a whole process). Goals: nf4 peak memory
 <= 0.45x float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same scheme.
 
 The speed of a shared 2-core machine drifts by 10-20% between processes and
@@ -158,6 +162,8 @@ def main() -> None:
                         help="gradient checkpointing (adapterkit: blocks + chunked loss; PEFT: transformers')")
     parser.add_argument("--cpu-allocators", nargs="+", default=["default"], choices=["default", "lean"],
                         help="adapterkit rows with each TrainConfig.cpu_allocator (PEFT keeps the default)")
+    parser.add_argument("--thp", action="store_true",
+                        help="repeat every row with PyTorch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages)")
     parser.add_argument("--paired", type=int, default=0, metavar="N",
                         help="also time N alternating rounds of both libraries in one process per scheme")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
@@ -171,6 +177,8 @@ def main() -> None:
         return
     print(common.machine())
     libraries = [f"adapterkit/{a}" for a in args.cpu_allocators] + ([] if args.skip_peft else ["peft/default"])
+    if args.thp:
+        libraries += [f"{library}+thp" for library in libraries]
     settings = ["off", "on"] if args.checkpointing == "both" else [args.checkpointing]
     results: dict[tuple[str, str, str], dict] = {}
     for ckpt in settings:
@@ -178,9 +186,10 @@ def main() -> None:
             for library in libraries:
                 key = (scheme, library, ckpt)
                 name, allocator = library.split("/")
+                thp = {"THP_MEM_ALLOC_ENABLE": "1"} if allocator.endswith("+thp") else None
                 try:
                     results[key] = common.run_isolated(__file__, ["--worker", scheme, name, str(args.steps), ckpt,
-                                                                  allocator])
+                                                                  allocator.removesuffix("+thp")], env=thp)
                 except Exception as err:  # a peer that cannot run this scheme here is reported, not fatal
                     text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
                     results[key] = {"error": text[-1][:160]}
@@ -193,7 +202,7 @@ def main() -> None:
             rows.append([ckpt, scheme, library] + ["-"] * 7 + [r["error"]])
             continue
         base = results.get(("fp32", library, ckpt), {})
-        peer = results.get((scheme, "peft/default", ckpt), {})
+        peer = results.get((scheme, "peft/default+thp" if library.endswith("+thp") else "peft/default", ckpt), {})
         ratio = lambda a, b, key: f"{a[key] / b[key]:.3f}" if key in b else "-"  # noqa: E731
         rows.append([ckpt, scheme, library, f"{r['peak_rss_mib']:.0f}", ratio(r, base, "peak_rss_mib"),
                      f"{r['above_imports_mib']:.0f}", ratio(r, base, "above_imports_mib"),
