@@ -149,7 +149,8 @@ def paired_worker(scheme: str, steps: int, checkpointing: bool) -> None:
             step[library]()
             seconds[library].append(time.perf_counter() - start)
     ratios = [p / a for a, p in zip(seconds["adapterkit"], seconds["peft"])]
-    print(json.dumps({"ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+    print(json.dumps({"ratios": ratios, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
+                      "ratio_max": max(ratios),
                       **{f"{k}_tokens_per_s": BATCH * LENGTH / statistics.median(v) for k, v in seconds.items()}}))
 
 
@@ -224,14 +225,15 @@ def print_paired(schemes: list[str], settings: list[str], rounds: int) -> None:
                 r = common.run_isolated(__file__, ["--paired-worker", scheme, str(rounds), ckpt])
             except Exception as err:
                 text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
-                rows.append([ckpt, scheme, "-", "-", text[-1][:160]])
+                rows.append([ckpt, scheme, "-", "-", "-", text[-1][:160]])
                 continue
             print((scheme, ckpt, "paired"), r, flush=True)
             rows.append([ckpt, scheme, f"{r['adapterkit_tokens_per_s']:.0f}", f"{r['peft_tokens_per_s']:.0f}",
-                         f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})"])
+                         f"{r['ratio_median']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f})",
+                         f"{sum(x >= 1 for x in r['ratios'])}/{len(r['ratios'])}"])
     print(f"\nSpeed in one process, {rounds} alternating rounds (default allocator on both sides):\n")
     print(common.table(["checkpointing", "scheme", "adapterkit tokens/s", "PEFT tokens/s",
-                        "adapterkit vs PEFT, median of rounds (range)"], rows))
+                        "adapterkit vs PEFT, median of rounds (range)", "rounds at >= 1x"], rows))
 
 
 if __name__ == "__main__":
