@@ -69,8 +69,8 @@ def bf16_supported() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def interleaved_times(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds of every timed call of each runner, the runners taking turns (round ``i`` is index ``i``)."""
+def interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each runner, the runners taking turns."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
@@ -80,12 +80,7 @@ def interleaved_times(runs: dict[str, Callable[[], None]], repeats: int, warmup:
             start = time.perf_counter()
             fn()
             times[key].append(time.perf_counter() - start)
-    return times
-
-
-def interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each runner, the runners taking turns."""
-    return {k: statistics.median(v) for k, v in interleaved_times(runs, repeats, warmup).items()}
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 class PeakRSS:

@@ -24,8 +24,9 @@ C library's default, as its documentation does). ``--thp`` repeats every row
 in a process started with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's own switch:
 its CPU allocator page-aligns every block and asks the kernel for
 transparent huge pages on blocks of 2 MiB or more; it is read once, before
-the first allocation, so it can only be set for a whole process). Goals: nf4 peak memory
-<= 0.45x float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same scheme.
+the first allocation, so it can only be set for a whole process). Goals: nf4
+peak memory <= 0.45x float32's, int8 <= 0.65x; tokens/s >= PEFT's at the same
+scheme.
 
 The speed of a shared 2-core machine drifts by 10-20% between processes and
 over minutes, more than the differences measured here. ``--paired N`` adds a
@@ -129,13 +130,13 @@ def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator
 def paired_worker(scheme: str, steps: int, checkpointing: bool) -> None:
     """Both libraries' models in this process, one step each per round, alternating which goes first."""
     torch.manual_seed(0)
-    step, ids = {}, None
+    step = {}
     for library in ("adapterkit", "peft"):
         model, _ = build(scheme, library, checkpointing)
         ids = torch.randint(5, model.config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def one_step(model=model, optimizer=optimizer, library=library) -> None:
+        def one_step(model=model, optimizer=optimizer, library=library, ids=ids) -> None:
             loss(model, ids, library).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -152,6 +153,12 @@ def paired_worker(scheme: str, steps: int, checkpointing: bool) -> None:
     print(json.dumps({"ratios": ratios, "ratio_median": statistics.median(ratios), "ratio_min": min(ratios),
                       "ratio_max": max(ratios),
                       **{f"{k}_tokens_per_s": BATCH * LENGTH / statistics.median(v) for k, v in seconds.items()}}))
+
+
+def _failure(err: Exception) -> str:
+    """The last line a failed worker wrote (its error), shortened for a table cell."""
+    text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
+    return text[-1][:160]
 
 
 def main() -> None:
@@ -192,8 +199,7 @@ def main() -> None:
                     results[key] = common.run_isolated(__file__, ["--worker", scheme, name, str(args.steps), ckpt,
                                                                   allocator.removesuffix("+thp")], env=thp)
                 except Exception as err:  # a peer that cannot run this scheme here is reported, not fatal
-                    text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
-                    results[key] = {"error": text[-1][:160]}
+                    results[key] = {"error": _failure(err)}
                 print(key, results[key], flush=True)
     base_library = libraries[0]  # adapterkit with the first allocator named (the default unless told)
     plain_base = results.get(("fp32", base_library, "off"), {})
@@ -224,8 +230,7 @@ def print_paired(schemes: list[str], settings: list[str], rounds: int) -> None:
             try:
                 r = common.run_isolated(__file__, ["--paired-worker", scheme, str(rounds), ckpt])
             except Exception as err:
-                text = (getattr(err, "stderr", None) or str(err)).strip().splitlines() or ["failed"]
-                rows.append([ckpt, scheme, "-", "-", "-", text[-1][:160]])
+                rows.append([ckpt, scheme, "-", "-", "-", _failure(err)])
                 continue
             print((scheme, ckpt, "paired"), r, flush=True)
             rows.append([ckpt, scheme, f"{r['adapterkit_tokens_per_s']:.0f}", f"{r['peft_tokens_per_s']:.0f}",
