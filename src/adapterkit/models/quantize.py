@@ -33,6 +33,7 @@ import torch.nn as nn
 from adapterkit.core.base_weight import BaseTensorAccess, TensorName, register_base_access
 from adapterkit.core.serialization import QUANTIZATION_ATTR
 from adapterkit.errors import UserError
+from adapterkit.runtime.file_pages import file_backed_ranges, release_file_pages
 
 Scheme = Literal["int8", "nf4", "fp4"]
 SCHEMES = ("int8", "nf4", "fp4")
@@ -145,10 +146,14 @@ def _int8(model: nn.Module, paths: list[str]) -> Quantization:
     from adapterkit.core.layers import set_submodule
     from adapterkit.models.int8_linear import Int8WeightOnlyLinear
 
-    chosen = set(paths)
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, path: path in chosen)
-    for path in paths:  # torchao stores the weight; the product keeps no float copy of it (models/int8_linear.py)
+    mapped = file_backed_ranges()
+    for path in paths:  # one layer at a time, so each float weight's file pages go before the next is read
+        float_weight = model.get_submodule(path).weight
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name == path)
+        # torchao stores the weight; the product keeps no float copy of it (models/int8_linear.py)
         set_submodule(model, path, Int8WeightOnlyLinear.from_linear(model.get_submodule(path)))
+        release_file_pages(float_weight, mapped)
+        del float_weight
     return Quantization(scheme="int8", backend="torchao Int8WeightOnlyConfig", layers=len(paths))
 
 
@@ -167,6 +172,7 @@ def _four_bit(model: nn.Module, paths: list[str], scheme: str) -> Quantization:
                                 f"int8 needs torchao instead: {err}") from None
     from adapterkit.core.layers import set_submodule
 
+    mapped = file_backed_ranges()
     done, kept_float, single = 0, [], 0
     for path in paths:
         old = model.get_submodule(path)
@@ -180,6 +186,7 @@ def _four_bit(model: nn.Module, paths: list[str], scheme: str) -> Quantization:
             kept_float.append(path)
             continue
         set_submodule(model, path, new)
+        release_file_pages(old.weight, mapped)  # its float pages go before the next layer's are read
         done += 1
     if kept_float:
         warnings.warn(f"{len(kept_float)} linear layer(s) stay in float: bitsandbytes could not quantise them to "
