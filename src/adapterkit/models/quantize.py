@@ -17,6 +17,11 @@ kernels on a GPU):
 - ``nf4`` / ``fp4``: bitsandbytes' ``Linear4bit`` (block size 64, double
   quantisation of the scales), computing in float32.
 
+Layers are quantised one at a time, and the pages each replaced float weight
+held of a memory-mapped checkpoint are handed back right after
+(``runtime/file_pages.py``), so loading never holds the float checkpoint beside
+its quantised copy.
+
 Merging into a quantised base goes through ``core/base_weight.py``: the
 accessors registered here dequantise on read and requantise on write.
 """
