@@ -17,7 +17,8 @@ and with gradient checkpointing (adapterkit: ``--gradient-checkpointing``,
 blocks plus the chunked causal-LM loss; PEFT: transformers' non-reentrant
 checkpointing). Memory is reported as the whole process's peak RSS and as the
 peak above the RSS once torch, transformers, PEFT and the backends are
-imported (what training itself adds). ``--cpu-allocators default lean``
+imported (what training itself adds); the last column is that peak while
+loading (and quantising) alone. ``--cpu-allocators default lean``
 adds adapterkit rows trained with ``TrainConfig.cpu_allocator="lean"``
 (glibc returns freed blocks of 1 MiB or more at once; PEFT's rows keep the
 C library's default, as its documentation does). ``--thp`` repeats every row
@@ -112,7 +113,8 @@ def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator
     torch.manual_seed(0)
     before = common.PeakRSS.current()  # torch, transformers and the backends imported
     with common.PeakRSS() as rss:
-        model, loaded = build(scheme, library, checkpointing)
+        with common.PeakRSS() as load_rss:  # loading (and quantising) alone: where a quantised row's peak was
+            model, loaded = build(scheme, library, checkpointing)
         ids = torch.randint(5, model.config.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(1))
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         times = []
@@ -123,6 +125,7 @@ def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
     print(json.dumps({"peak_rss_mib": rss.peak, "above_imports_mib": rss.peak - before,
+                      "load_above_imports_mib": load_rss.peak - before,
                       "tokens_per_s": BATCH * LENGTH / statistics.median(times[1:]),
                       "load_s": loaded}))
 
@@ -206,7 +209,7 @@ def main() -> None:
     rows = []
     for (scheme, library, ckpt), r in results.items():
         if "error" in r:
-            rows.append([ckpt, scheme, library] + ["-"] * 7 + [r["error"]])
+            rows.append([ckpt, scheme, library] + ["-"] * 8 + [r["error"]])
             continue
         base = results.get(("fp32", library, ckpt), {})
         peer = results.get((scheme, "peft/default+thp" if library.endswith("+thp") else "peft/default", ckpt), {})
@@ -214,10 +217,11 @@ def main() -> None:
         rows.append([ckpt, scheme, library, f"{r['peak_rss_mib']:.0f}", ratio(r, base, "peak_rss_mib"),
                      f"{r['above_imports_mib']:.0f}", ratio(r, base, "above_imports_mib"),
                      ratio(r, plain_base, "above_imports_mib"), f"{r['tokens_per_s']:.0f}",
-                     ratio(r, peer, "tokens_per_s"), f"{r['load_s']:.1f}"])
+                     ratio(r, peer, "tokens_per_s"), f"{r['load_s']:.1f}", f"{r['load_above_imports_mib']:.0f}"])
     print(common.table(["checkpointing", "scheme", "library/allocator", "peak RSS MiB",
                         "vs fp32, same row settings", "above imports MiB", "vs fp32, same row settings",
-                        f"vs {base_library} fp32 no ckpt", "tokens/s", "vs PEFT same scheme", "load s"], rows))
+                        f"vs {base_library} fp32 no ckpt", "tokens/s", "vs PEFT same scheme", "load s",
+                        "load peak above imports MiB"], rows))
     if args.paired and not args.skip_peft:
         print_paired(args.schemes, settings, args.paired)
 
