@@ -153,12 +153,12 @@ def _int8(model: nn.Module, paths: list[str]) -> Quantization:
 
     mapped = file_backed_ranges()
     for path in paths:  # one layer at a time, so each float weight's file pages go before the next is read
-        float_weight = model.get_submodule(path).weight
-        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda module, name: name == path)
-        # torchao stores the weight; the product keeps no float copy of it (models/int8_linear.py)
-        set_submodule(model, path, Int8WeightOnlyLinear.from_linear(model.get_submodule(path)))
+        linear = model.get_submodule(path)
+        float_weight = linear.weight
+        quantize_(linear, Int8WeightOnlyConfig())  # in place: torchao stores the weight
+        # the product keeps no float copy of it (models/int8_linear.py)
+        set_submodule(model, path, Int8WeightOnlyLinear.from_linear(linear))
         release_file_pages(float_weight, mapped)
-        del float_weight
     return Quantization(scheme="int8", backend="torchao Int8WeightOnlyConfig", layers=len(paths))
 
 
