@@ -15,8 +15,8 @@ dequantised weights add blocks of many sizes.
 ``"lean"`` fixes the threshold at 1 MiB: every block from 1 MiB up is
 mapped on its own and given back to the system when it is freed, so the
 process's resident memory follows its live tensors. The price is the page
-faults of mapping those blocks afresh: 0.78-0.86x the tokens/s of the
-default in that measurement (AMD EPYC, 2 threads), for 0.5-0.8x its peak.
+faults of mapping those blocks afresh: 0.5-0.86x the tokens/s of the
+default in those measurements (AMD EPYC, 2 threads), for 0.5-0.8x its peak.
 ``"default"`` leaves the C library as it is.
 
 The setting is process-wide and lasts for the rest of the process (glibc's
