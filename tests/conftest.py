@@ -9,7 +9,9 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Two threads per process; one per worker when pytest-xdist runs the suite in parallel processes,
+# so the workers do not contend for the same cores.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 from tests.devices import test_device  # noqa: E402
 from tests.tiny_models import TINY_BUILDERS, build_tiny  # noqa: E402
