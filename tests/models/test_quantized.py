@@ -150,7 +150,7 @@ def test_the_adapter_file_records_the_quantisation_and_loads_on_a_float_base(tmp
     kit = json.loads((tmp_path / "a" / "adapterkit.json").read_text())
     assert kit["quantization"]["scheme"] == "nf4" and kit["quantization"]["backend"].startswith("bitsandbytes")
     float_base, _ = build_tiny("bert")
-    with pytest.warns(UserWarning, match="trained on a nf4 base and is loaded onto a float one"):
+    with pytest.warns(UserWarning, match="trained on a base stored in nf4 and is loaded onto one stored in float"):
         ak.load_adapter(float_base, tmp_path / "a")
     assert torch.isfinite(output_tensor(float_base, inputs)).all()
 

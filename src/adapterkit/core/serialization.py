@@ -257,8 +257,8 @@ def _note_quantization(trained_on: dict[str, Any] | None, model: nn.Module, fold
     then = (trained_on or {}).get("scheme")
     now = (here or {}).get("scheme")
     if then != now:
-        warnings.warn(f"the adapter in {folder} was trained on a {then or 'float'} base and is loaded onto a "
-                      f"{now or 'float'} one: outputs differ by the quantisation error", stacklevel=3)
+        warnings.warn(f"the adapter in {folder} was trained on a base stored in {then or 'float'} and is loaded "
+                      f"onto one stored in {now or 'float'}: outputs differ by the quantisation error", stacklevel=3)
 
 
 def _load_heads(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
