@@ -116,8 +116,12 @@ class PeakRSS:
 
 def run_isolated(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> dict:
     """Run ``script`` in a fresh Python process (with ``env`` added to this one's) and parse the JSON it prints last."""
-    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True,
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
                          env=None if env is None else {**os.environ, **env})
+    if out.returncode != 0:
+        tail = "\n".join(out.stderr.strip().splitlines()[-15:])
+        raise RuntimeError(f"{Path(script).name} {' '.join(args)} exited with {out.returncode}; "
+                           f"the end of its error output:\n{tail}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
