@@ -45,7 +45,7 @@ def infer_outputs(
     """
     device = model_device(model)
     outputs: list[Any] = [None] * len(features)
-    with evaluating(model), torch.no_grad(), autocast(precision, device):
+    with evaluating(model), torch.no_grad(), autocast(precision, device), task.narrowed(model):
         for indices in inference_batches([task.length(f) for f in features], batch_size):
             chunk = [features[i] for i in indices]
             batch = move_batch(task.collate(chunk, tokenizer), device)

@@ -14,6 +14,7 @@ scalars are stacked.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -22,8 +23,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from adapterkit.data.examples import TaskData
-from adapterkit.tasks import lengths
 from adapterkit.errors import UnsupportedError, UsageError
+from adapterkit.tasks import lengths
 
 Feature = dict[str, Any]
 
@@ -99,6 +100,15 @@ class Task(ABC):
         if loss is None:
             raise UsageError(f"{self.name}: the batch has no labels, so there is no loss to train on")
         return loss
+
+    def narrowed(self, model: PreTrainedModel) -> contextlib.AbstractContextManager:
+        """A context in which ``model`` computes only what this task's outputs read.
+
+        Tasks whose outputs read every position (the default) change nothing;
+        classification cuts the last block to the position its head reads
+        (``tasks/head_reads.py``).
+        """
+        return contextlib.nullcontext()
 
     def relabel(self, data: TaskData, labels: Sequence[str] | None) -> TaskData:
         """``data`` with its label indices expressed in the vocabulary ``labels``.

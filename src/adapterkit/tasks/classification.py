@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -15,6 +16,7 @@ from adapterkit.data.examples import TaskData
 from adapterkit.errors import UsageError
 from adapterkit.tasks import lengths
 from adapterkit.tasks.base import Feature, Task
+from adapterkit.tasks.head_reads import first_position_only
 from adapterkit.tasks.metrics import classification_metrics, mean_cross_entropy
 from adapterkit.tasks.registry import register_task
 
@@ -82,6 +84,9 @@ class ClassificationTask(Task):
 
     def from_texts(self, texts: Sequence[str], labels: Sequence[str] | None) -> TaskData:
         return classification_from_texts(texts, labels)
+
+    def narrowed(self, model: PreTrainedModel) -> contextlib.AbstractContextManager:
+        return first_position_only(model)
 
     def infer(self, model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}

@@ -10,6 +10,7 @@ resolved once; only its main process writes files.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import warnings
@@ -161,7 +162,9 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
                   f"{runtime.world_size} process(es) = "
                   f"{config.batch_size * prepared.micro_batches_per_step} examples per step; {runtime.describe()}")
     try:
-        _steps(model, wrapped, tokenizer, prepared, eval_data, config, state, restored, trainer, folder, log, bar)
+        with task.narrowed(model) if config.trim_last_block else contextlib.nullcontext():
+            _steps(model, wrapped, tokenizer, prepared, eval_data, config, state, restored, trainer, folder, log,
+                   bar)
         # what the run cost, beside its metrics (not in the adapter's files, which stay reproducible)
         log.log("run", state.step, {"wall_time_s": time.perf_counter() - started, **peak_memory()})
     finally:
