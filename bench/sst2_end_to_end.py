@@ -1,7 +1,7 @@
 """SST-2 end to end: adapterkit vs PEFT + Trainer vs full fine-tuning, and every method.
 
     python bench/sst2_end_to_end.py [--train-size 67349] [--seeds 0 1 2] [--methods ...]
-        [--peer-sampling grouped random] [--adapter-layers top:3 top:2]
+        [--peer-sampling grouped random] [--adapter-layers top:3 top:2] [--untrimmed]
 
 One epoch over (a seeded sample of) ``../shared/datasets/sst2/train.tsv``,
 accuracy on the full validation set (872 sentences). Wall time counts
@@ -11,12 +11,15 @@ autocast runs of the adapterkit methods, trained and evaluated at that precision
 The peer is PEFT + ``Trainer`` at its best: length-grouped batches with dynamic
 padding, the same linear schedule with 6% warm-up; every time is also shown as a
 ratio to it. ``--adapter-layers top:K`` adds runs with the adapter in the top K
-blocks only (the backward stops below them).
+blocks only (the backward stops below them). Our runs compute the last block at
+the classifier's position only (``TrainConfig.trim_last_block``, the default);
+``--untrimmed`` adds each run with every position computed, as the peer does.
 
 The floor column (LoRA runs and the peer) is the time of the matrix products
 the epoch cannot avoid at this CPU's measured float32 matmul rate, as in
 ``bench/sst2_epochs.py``: every block's forward over the unpadded tokens,
-plus one forward's worth of backward per adapted block.
+plus one forward's worth of backward per adapted block; our cut last block
+counts its q/k/v projections and attention at every position, the rest at one.
 
 ``--eval-every N`` evaluates every run on the validation set every N steps
 (the peer through the ``Trainer``'s own ``eval_steps``) and reports the
@@ -110,7 +113,7 @@ def adapterkit_curve(curve: Curve) -> Iterator[None]:
 
 def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
                    precision: str = "fp32", quantize: str | None = None, adapter_layers: str | None = None,
-                   eval_every: int | None = None) -> dict:
+                   eval_every: int | None = None, trim: bool = True) -> dict:
     factory, lr = METHODS[method]
     torch.manual_seed(seed)  # the new classification head: the same initial weights in every run of this seed
     model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"], quantize=quantize)
@@ -124,7 +127,7 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
         ak.train(model, tokenizer, train_data, val_data if eval_every else None, ak.TrainConfig(
             epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
             num_threads=torch.get_num_threads(), precision=precision, adapter_layers=adapter_layers,
-            eval_every=eval_every, load_best=False))
+            eval_every=eval_every, load_best=False, trim_last_block=trim))
     seconds = curve.training_seconds()
     summary = ak.trainable_summary(model)  # after training: --adapter-layers removes the lower blocks' weights
     accuracy = ak.evaluate(model, tokenizer, val_data, precision=precision)["accuracy"]
@@ -214,6 +217,9 @@ def main() -> None:
                         help="train and evaluate the adapterkit runs at each of these (autocast; default fp32)")
     parser.add_argument("--adapter-layers", nargs="+", default=[], metavar="top:K",
                         help="also train each adapterkit method with its adapter in these blocks only")
+    parser.add_argument("--untrimmed", action="store_true",
+                        help="also train each adapterkit run with every position of the last block computed "
+                             "(TrainConfig(trim_last_block=False)), to measure that lever alone")
     parser.add_argument("--eval-every", type=int, default=None, metavar="N",
                         help="evaluate every N steps and report the seconds to reach the grouped peer's accuracy")
     args = parser.parse_args()
@@ -240,11 +246,12 @@ def main() -> None:
                     name = method if args.precisions == ["fp32"] else f"{method} {precision}"
                     name += "" if scheme == "none" else f" on {scheme} base"
                     quantize = None if scheme == "none" else scheme
-                    for layers in [None, *args.adapter_layers]:
-                        label = name if layers is None else f"{name} {layers}"
+                    for layers, trim in [(layers, trim) for layers in [None, *args.adapter_layers]
+                                         for trim in (True, False)[:1 + args.untrimmed]]:
+                        label = (name if layers is None else f"{name} {layers}") + ("" if trim else " untrimmed")
                         results.setdefault(label, []).append(
                             run_adapterkit(method, train_rows, val_rows, seed, precision, quantize, layers,
-                                           args.eval_every))
+                                           args.eval_every, trim))
                         results[label][-1].update(seed=seed, precision=precision)
                         print(label, results[label][-1], flush=True)
     full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))
@@ -278,15 +285,19 @@ def unpadded_tokens(rows: list[dict]) -> tuple[int, float]:
 
 
 def floor_seconds(name: str, runs: list[dict], tokens: dict[int, tuple[int, float]], rate: float) -> float | None:
-    """Mean matmul floor of these runs: six block forwards plus one per adapted block.
+    """Mean matmul floor of these runs: six block forwards plus one backward per adapted block.
+
+    Our runs cut the last block to the position the classifier reads, except
+    the ``untrimmed`` rows; the peer runs every position.
 
     Only for LoRA on query/value (ours and the peer's) in float32 on a float base: the rate is float32's.
     """
     lora_qv = name.startswith(("lora", "peft lora")) and not name.startswith("lora-all") and " base" not in name
     if not lora_qv or any(r["precision"] != "fp32" for r in runs):
         return None
-    adapted = int(name.rsplit("top:", 1)[1]) if "top:" in name else 6
-    return statistics.mean(sst2_epochs.block_flops(*tokens[r["seed"]]) * (6 + adapted) / rate for r in runs)
+    adapted = int(name.rsplit("top:", 1)[1].split()[0]) if "top:" in name else 6
+    trimmed = not name.startswith("peft") and "untrimmed" not in name
+    return statistics.mean(sst2_epochs.epoch_flops(*tokens[r["seed"]], 6, adapted, trimmed) / rate for r in runs)
 
 
 def time_to_peer_accuracy(results: dict[str, list[dict]]) -> str:

@@ -54,6 +54,28 @@ def block_flops(tokens: int, length: float, hidden: int = 384, ffn: int = 1536) 
     return dense + attention
 
 
+def trimmed_block_flops(tokens: int, length: float, hidden: int = 384, ffn: int = 1536) -> float:
+    """Forward FLOPs of the last block cut to the classifier's position (``tasks/head_reads.py``).
+
+    Its q/k/v projections and attention run at every position, its output
+    projection and feed-forward at one position per sentence.
+    """
+    every_position = 2 * tokens * 3 * hidden * hidden + 2 * 2 * tokens * length * hidden
+    return every_position + 2 * (tokens / length) * (hidden * hidden + 2 * hidden * ffn)
+
+
+def epoch_flops(tokens: int, length: float, forward_blocks: int, backward_blocks: int, trimmed: bool) -> float:
+    """The matrix products of an epoch: block forwards plus block backwards (input gradients only).
+
+    ``trimmed``: the top block of each is the cut last block (adapterkit's
+    default for a classifier); its backward costs what its forward does.
+    """
+    full = block_flops(tokens, length)
+    if not trimmed:
+        return full * (forward_blocks + backward_blocks)
+    return full * (forward_blocks + backward_blocks - 2) + 2 * trimmed_block_flops(tokens, length)
+
+
 def worker(config: str, train_size: int, epochs: int, top: int) -> None:
     import torch
 
@@ -85,8 +107,7 @@ def floor_seconds(config: str, epoch: int, tokens: int, mean_length: float, rate
     layers, cached = CONFIGS[config]
     adapted = top if layers else 6
     forward_blocks = adapted if (cached and epoch > 1) else 6
-    flops = block_flops(tokens, mean_length) * (forward_blocks + adapted)
-    return flops / rate
+    return epoch_flops(tokens, mean_length, forward_blocks, adapted, trimmed=True) / rate
 
 
 def main() -> None:
