@@ -4,6 +4,9 @@
 
 MiniLM classification, LoRA rank 8 on query/value with non-zero weights,
 batch 1 and 32; every variant holds identical weights and the runs take turns.
+The "cut" rows run our models as ``evaluate``/``predict``/the server do: the
+last block past its attention at the position the classifier reads only
+(``tasks/head_reads.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import common  # noqa: E402
 import torch  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
+from adapterkit.tasks.head_reads import first_position_only  # noqa: E402
 
 
 def build(seq: int) -> tuple[dict[str, torch.nn.Module], torch.nn.Module]:
@@ -47,6 +51,12 @@ def build(seq: int) -> tuple[dict[str, torch.nn.Module], torch.nn.Module]:
     return models, base
 
 
+def cut_call(model: torch.nn.Module, inputs: dict) -> object:
+    """``model(**inputs)`` with its last block cut to the classifier's position."""
+    with first_position_only(model):
+        return model(**inputs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=20)
@@ -62,11 +72,14 @@ def main() -> None:
             ref = models["adapterkit"](**inputs).logits
             gap = (models["peft"](**inputs).logits - ref).abs().max().item()
             runs = {name: (lambda m=m: m(**inputs)) for name, m in models.items()}
+            for name in ("adapterkit", "adapterkit merged"):
+                runs[f"{name}, cut"] = lambda m=models[name]: cut_call(m, inputs)
+            cut_gap = (cut_call(models["adapterkit"], inputs).logits - ref).abs().max().item()
             seconds = common.interleaved(runs, args.repeats, warmup=2)
         base_s = seconds["base"]
         for name, s in seconds.items():
             rows.append([f"batch {batch}", name, f"{s * 1000:.2f}", f"{s / base_s:.3f}"])
-        print(f"batch {batch}: adapterkit vs peft max |logit diff| = {gap:.2e}")
+        print(f"batch {batch}: adapterkit vs peft max |logit diff| = {gap:.2e}, cut vs whole {cut_gap:.2e}")
     print(common.table(["batch", "variant", "latency ms (median)", "× base"], rows))
 
 

@@ -5,7 +5,10 @@
 
 For each configuration both libraries wrap the same freshly loaded model with
 the same modules (PEFT gets the exact module paths adapterkit resolved), train
-with AdamW on the same batch, and take turns; tokens/s are medians. Peak RSS
+with AdamW on the same batch, and take turns; tokens/s are medians. Our
+classifier steps cut the last block to the position the head reads, as
+``ak.train`` does (``tasks/head_reads.py``); the "every position computed"
+column times the same adapterkit model without the cut. Peak RSS
 is the median over fresh processes per (configuration, library).
 
 ``--precision fp32 bf16`` measures each configuration at each precision
@@ -19,6 +22,7 @@ against PEFT with transformers' ``gradient_checkpointing_enable`` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -72,7 +76,7 @@ def build(kind: str, method: str, library: str, batch: int, seq: int,
         return model.train(), inputs
     config = our_config(method, kind)
     ak.add_adapter(model, "bench", config)
-    if library == "adapterkit":
+    if library.startswith("adapterkit"):
         if checkpointing:
             from adapterkit.train.memory import enable_gradient_checkpointing
 
@@ -101,7 +105,10 @@ def peft_wrap(kind: str, method: str, paths: list[str], ours: torch.nn.Module) -
 
 
 def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "adapterkit") -> Callable[[], None]:
-    """One training step as each library's trainer takes it (adapterkit's causal-LM loss is chunked)."""
+    """One training step as each library's trainer takes it (adapterkit's causal-LM loss is chunked, and
+    a classifier's last block is cut to the position its head reads, as ``ak.train`` does by default;
+    ``adapterkit whole`` is the same model with every position computed)."""
+    from adapterkit.tasks.head_reads import first_position_only
     from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -110,7 +117,8 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "ad
     without_labels = {k: v for k, v in inputs.items() if k != "labels"}
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
+                first_position_only(model) if library == "adapterkit" else contextlib.nullcontext():
             loss = chunked_lm_loss(model, without_labels, inputs["labels"]) if chunked else model(**inputs).loss
         loss.backward()
         optimizer.step()
@@ -162,7 +170,8 @@ def main() -> None:
     for kind, method, batch, seq in jobs:
         for bf16, ckpt in settings:
             libraries = ["full"] if method == "full" else ["adapterkit", "peft"]
-            steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16, lib) for lib in libraries}
+            timed = libraries + (["adapterkit whole"] if kind == "minilm" and method != "full" else [])
+            steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16, lib) for lib in timed}
             seconds = common.interleaved(steps, args.repeats)
             tps = {lib: batch * seq / s for lib, s in seconds.items()}
             mem = {}
@@ -176,16 +185,19 @@ def main() -> None:
                         samples[lib].append(common.run_isolated(__file__, worker_args)["peak_rss_mib"])
                 mem = {lib: statistics.median(v) for lib, v in samples.items()}
             label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}{' ckpt' if ckpt else ''}"
+            whole = f"{tps['adapterkit whole'] / tps['peft']:.3f}" if "adapterkit whole" in tps else "-"
             if method == "full":
-                rows.append([label, f"{tps['full']:.0f}", "-", "-", f"{mem.get('full', 0):.0f}", "-", "-"])
+                rows.append([label, f"{tps['full']:.0f}", "-", "-", "-",
+                             f"{mem['full']:.0f}" if mem else "-", "-", "-"])
             else:
                 rows.append([label, f"{tps['adapterkit']:.0f}", f"{tps['peft']:.0f}",
-                             f"{tps['adapterkit'] / tps['peft']:.3f}",
-                             f"{mem.get('adapterkit', 0):.0f}", f"{mem.get('peft', 0):.0f}",
+                             f"{tps['adapterkit'] / tps['peft']:.3f}", whole,
+                             f"{mem['adapterkit']:.0f}" if mem else "-", f"{mem['peft']:.0f}" if mem else "-",
                              f"{mem['adapterkit'] / mem['peft']:.3f}" if mem else "-"])
             print(rows[-1], flush=True)
     print(common.table(["config", "adapterkit tok/s", "peft tok/s", "speed ratio (ak/peft)",
-                        "adapterkit peak RSS MiB", "peft peak RSS MiB", "memory ratio (ak/peft)"], rows))
+                        "every position computed (ak/peft)", "adapterkit peak RSS MiB", "peft peak RSS MiB",
+                        "memory ratio (ak/peft)"], rows))
 
 
 if __name__ == "__main__":
