@@ -12,7 +12,7 @@ the same numbers up to the rounding of smaller matrix products.
 
 On MiniLM (6 blocks) this leaves the last block its q/k/v projections and the
 attention, a quarter of its linear work, and made a LoRA training step
-0.84-0.87x as long (``docs/benchmarks.md`` section 4). Only
+0.84-0.91x as long (``docs/benchmarks.md`` section 4). Only
 ``*ForSequenceClassification`` models of an architecture whose table row names
 a ``first_token_cut`` module are narrowed; every other model and task runs as
 it is. The training loop narrows for the whole run (``TrainConfig

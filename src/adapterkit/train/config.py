@@ -113,7 +113,7 @@ class TrainConfig:
         trim_last_block: a BERT-family sequence classifier reads only the first
             position of the last block, so that block runs past its attention
             at position 0 only (``tasks/head_reads.py``): the same logits up to
-            rounding, and 0.84-0.87x the time per step on MiniLM. ``False``
+            rounding, and 0.84-0.91x the time per step on MiniLM. ``False``
             computes every position, as the model itself does. Other models
             and tasks are not affected.
         gradient_checkpointing: recompute each block's activations in the
