@@ -11,10 +11,11 @@ Roles:
     ffn_out                      -- last FFN projection
     embeddings                   -- input token embeddings
 
-``first_token_cut`` (BERT family only): the module of each block after which
-everything is computed position by position, and whose two inputs (the
-attention's output and its residual) can be cut to the first position when a
-sequence classifier reads only that one (``tasks/head_reads.py``).
+``first_token_cut`` (BERT family only): ``(blocks, module)``, the path of the
+backbone's block list (from ``model.base_model``) and, inside each block, the
+module after which everything is computed position by position and whose two
+inputs (the attention's output and its residual) can be cut to the first
+position when a sequence classifier reads only that one (``tasks/head_reads.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class ArchSpec:
     heads: tuple[str, ...] = ("classifier", "score", "qa_outputs", "pre_classifier",
                               "classification_head")
     extra: dict[str, str] = field(default_factory=dict)
-    first_token_cut: str | None = None
+    first_token_cut: tuple[str, str] | None = None
 
 
 _BERT = ArchSpec(
@@ -47,7 +48,7 @@ _BERT = ArchSpec(
         "ffn_out": r"layer\.\d+\.output\.dense",
         "embeddings": r"embeddings\.word_embeddings",
     },
-    first_token_cut=r"attention\.output",  # BertSelfOutput(hidden, residual): projection, residual, norm
+    first_token_cut=("encoder.layer", "attention.output"),  # BertSelfOutput(hidden, residual)
 )
 
 _DISTILBERT = ArchSpec(

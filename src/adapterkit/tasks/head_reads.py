@@ -22,14 +22,12 @@ it is. The training loop narrows for the whole run (``TrainConfig
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
 
-from adapterkit.core.architectures import arch_spec, role_pattern
-from adapterkit.core.targeting import block_index
+from adapterkit.core.architectures import arch_spec
 
 _NARROWED = "_adapterkit_first_position_only"  # set on the hooked module while the cut is on
 
@@ -43,13 +41,12 @@ def last_block_cut(model: nn.Module) -> nn.Module | None:
     spec = arch_spec(model)
     if spec is None or spec.first_token_cut is None or not type(model).__name__.endswith("ForSequenceClassification"):
         return None
-    pattern = re.compile(role_pattern(spec.first_token_cut))
-    found: list[tuple[int, nn.Module]] = []
-    for path, module in model.named_modules():
-        index = block_index(model, path) if pattern.search(path) else None
-        if index is not None:
-            found.append((index, module))
-    return max(found, key=lambda item: item[0])[1] if found else None
+    blocks_path, inner = spec.first_token_cut
+    try:  # two attribute walks, not a search of every module: inference looks it up on each pass
+        blocks = model.base_model.get_submodule(blocks_path)
+        return blocks[len(blocks) - 1].get_submodule(inner) if len(blocks) else None
+    except (AttributeError, TypeError):
+        return None
 
 
 def _first_position(module: nn.Module, args: tuple) -> tuple | None:
