@@ -116,6 +116,13 @@ class TrainConfig:
             rounding, and 0.84-0.91x the time per step on MiniLM. ``False``
             computes every position, as the model itself does. Other models
             and tasks are not affected.
+        hashed_dropout: every ``nn.Dropout`` of the model draws its mask from a
+            counter hash seeded by PyTorch's generator instead of
+            ``bernoulli_`` (``runtime/hashed_dropout.py``): the same
+            distribution, 4x cheaper masks, 0.88-0.95x the time per MiniLM
+            step. Reproducible from the seed, through resumes and gradient
+            checkpointing. ``False`` keeps PyTorch's masks; ``compile`` runs
+            keep them too (the compiled graph draws its own).
         gradient_checkpointing: recompute each block's activations in the
             backward instead of keeping them (less memory, ~30% more time);
             works with every method.
@@ -167,6 +174,7 @@ class TrainConfig:
     prefix_cache_mb: int = 2048
     compile: bool = False
     trim_last_block: bool = True
+    hashed_dropout: bool = True
     strategy: str = "auto"
     num_threads: int | None = None
     log_every: int = 10

@@ -107,9 +107,16 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return lines
 
 
+# settings added later, with the value that computes what a run saved before them computed
+_BEFORE_THEY_EXISTED = {"trim_last_block": False, "hashed_dropout": False}
+
+
 def _current_names(fingerprint: dict[str, Any]) -> dict[str, Any]:
     """A fingerprint saved by an earlier version, in today's names (``train.bf16`` became ``runtime.precision``)."""
     train = fingerprint.get("train")
+    if isinstance(train, dict) and not _BEFORE_THEY_EXISTED.keys() <= train.keys():
+        fingerprint = {**fingerprint, "train": {**_BEFORE_THEY_EXISTED, **train}}
+        train = fingerprint["train"]
     if not isinstance(train, dict) or "bf16" not in train:
         return fingerprint
     train = dict(train)

@@ -27,6 +27,7 @@ from adapterkit.data.examples import TaskData
 from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.runtime.allocator import apply_cpu_allocator
 from adapterkit.runtime.distributed import whole_parameters, wrap_model
+from adapterkit.runtime.hashed_dropout import use_hashed_dropout
 from adapterkit.runtime.precision import grad_scaler, native_bf16
 from adapterkit.runtime.runtime import Runtime, resolve_runtime
 from adapterkit.tasks import Task, get_task
@@ -162,7 +163,11 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
                   f"{runtime.world_size} process(es) = "
                   f"{config.batch_size * prepared.micro_batches_per_step} examples per step; {runtime.describe()}")
     try:
-        with task.narrowed(model) if config.trim_last_block else contextlib.nullcontext():
+        with contextlib.ExitStack() as scope:
+            if config.trim_last_block:
+                scope.enter_context(task.narrowed(model))
+            if config.hashed_dropout and not config.compile:
+                scope.enter_context(use_hashed_dropout(model))
             _steps(model, wrapped, tokenizer, prepared, eval_data, config, state, restored, trainer, folder, log,
                    bar)
         # what the run cost, beside its metrics (not in the adapter's files, which stay reproducible)

@@ -1,0 +1,210 @@
+"""Dropout with hashed masks (runtime/hashed_dropout.py).
+
+The masks' statistics against the binomial law they must follow (keep
+fraction, independence of neighbours, of the two halves of one hash and of
+calls with nearby seeds), the forward and backward against the mask, the
+seeds' origin in PyTorch's generator (reproducible runs, gradient
+checkpointing recomputing the same masks), and the training loop's use of it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import adapterkit.runtime.hashed_dropout as hd
+from adapterkit.data import load_data
+from adapterkit.runtime.hashed_dropout import dropout_mask, hashed_dropout, use_hashed_dropout
+from adapterkit.train import TrainConfig, train
+from adapterkit.train.fingerprint import differences
+from adapterkit.train.memory import enable_gradient_checkpointing
+from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentiment
+from tests.tolerances import assert_close_scaled
+
+N = 2_000_001  # odd: the last element comes from half a hash
+SIGMAS = 5.0  # a fair mask fails one of these bounds with probability below 1e-6 each
+
+
+def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).mean() / (a.std(correction=0) * b.std(correction=0)))
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_each_element_is_kept_with_probability_one_minus_p(p):
+    mask = dropout_mask((N,), p, (12345, -678))
+    assert mask.dtype == torch.bool and mask.shape == (N,)
+    target = 1 - round(p * 65536) / 65536  # p is honoured to 1/65536
+    assert abs(target - (1 - p)) <= 0.5 / 65536
+    bound = SIGMAS * math.sqrt(p * (1 - p) / N)
+    assert abs(mask.double().mean().item() - target) <= bound
+
+
+def test_neighbours_halves_and_nearby_seeds_are_independent():
+    p = 0.5
+    bound = SIGMAS / math.sqrt(N // 2)  # the correlation of independent fair bits has standard deviation 1/sqrt(n)
+    base = dropout_mask((N,), p, (1, 2))
+    # the two elements one hash decides, and neighbours at other lags
+    assert abs(_correlation(base[0:-1:2], base[1::2])) <= bound
+    for lag in (1, 2, 3, 16, 64):
+        assert abs(_correlation(base[:-lag], base[lag:])) <= bound, lag
+    # seeds one apart in either word, and the masks of two calls' shifted copies
+    for seeds in ((2, 2), (1, 3), (0, 2), (1, 2 + 65536), (-1, 2)):
+        other = dropout_mask((N,), p, seeds)
+        assert abs(_correlation(base, other)) <= bound, seeds
+        assert abs(_correlation(base[:-1], other[1:])) <= bound, seeds
+    # pairs of kept elements: P(both) = P(one)^2 within the binomial bound
+    both = (base[0:-1:2] & base[1::2]).double().mean().item()
+    assert abs(both - 0.25) <= SIGMAS * math.sqrt(0.25 * 0.75 / (N // 2))
+
+
+def test_the_same_seeds_give_the_same_mask_whatever_the_shape():
+    flat = dropout_mask((42,), 0.3, (7, 9))
+    assert torch.equal(dropout_mask((6, 7), 0.3, (7, 9)), flat.view(6, 7))
+    assert torch.equal(dropout_mask((6, 7), 0.3, (7, 9)), dropout_mask((6, 7), 0.3, (7, 9)))
+    assert not torch.equal(dropout_mask((1000,), 0.3, (7, 9)), dropout_mask((1000,), 0.3, (7, 10)))
+
+
+def test_a_probability_outside_zero_to_one_is_refused():
+    with pytest.raises(ValueError, match=r"in \[0, 1\], got 1.5"):
+        dropout_mask((4,), 1.5, (0, 0))
+
+
+def test_forward_and_backward_follow_one_mask():
+    x = torch.randn(8, 5, 33, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn_like(x)
+    torch.manual_seed(3)
+    y = hashed_dropout(x, 0.3)
+    y.backward(grad)
+    kept = y != 0  # x has no zeros (a standard normal sample)
+    assert 0.6 < kept.double().mean() < 0.8
+    torch.testing.assert_close(y, torch.where(kept, x * (1 / 0.7), 0), rtol=0, atol=0)  # as F.dropout scales
+    assert_close_scaled(x.grad, torch.where(kept, grad / 0.7, 0), ops=2, scale=float(grad.abs().max() / 0.7))
+    torch.manual_seed(3)
+    assert torch.equal(hashed_dropout(x.detach(), 0.3), y.detach())  # the seeds come from torch's generator
+    assert not torch.equal(hashed_dropout(x.detach(), 0.3), y.detach())  # and move it on
+
+
+def test_gradcheck_with_a_fixed_mask():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+
+    def dropped(t):
+        torch.manual_seed(11)
+        return hashed_dropout(t, 0.4)
+
+    assert torch.autograd.gradcheck(dropped, (x,))
+
+
+def test_identity_in_eval_and_at_zero_and_zeros_at_one():
+    x = torch.randn(4, 6)
+    assert hashed_dropout(x, 0.5, training=False) is x
+    assert hashed_dropout(x, 0.0) is x
+    assert torch.equal(hashed_dropout(x, 1.0), torch.zeros_like(x))
+    half = torch.randn(64, 64, dtype=torch.bfloat16)
+    assert hashed_dropout(half, 0.2).dtype == torch.bfloat16
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Dropout(0.0))
+        self.other = nn.Dropout(0.25)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(self.inner(x))
+
+
+def test_the_context_patches_every_dropout_and_restores_them(monkeypatch):
+    net = _Net().train()
+    calls = []
+    real = hd.dropout_mask
+    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    x = torch.randn(16, 8)
+    with use_hashed_dropout(net) as count:
+        assert count == 3
+        with use_hashed_dropout(net) as inner:
+            assert inner == 0  # the enclosing call owns them
+        net(x)
+        assert sorted(calls) == [0.25, 0.5]  # p = 0 draws nothing
+        net.eval()
+        torch.testing.assert_close(net(x), net.inner[0](x), rtol=0, atol=0)
+        net.train()
+    assert all("forward" not in m.__dict__ for m in net.modules())
+    calls.clear()
+    net(x)
+    assert calls == []
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_hashed_dropout(net):
+            raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in net.modules())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_bert_folder(tmp_path_factory.mktemp("tiny_dropout"), dropout=0.1)
+
+
+def _grads(model, inputs, labels):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)
+    loss = model(**inputs, labels=labels).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks(folder):
+    data = load_data(toy_sentiment(8))
+    model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.1)
+    model.double().train()
+    device = next(model.parameters()).device
+    inputs = tokenizer([r["text"] for r in toy_sentiment(8)], padding=True, return_tensors="pt").to(device)
+    labels = torch.tensor([i % 2 for i in range(8)], device=device)
+    with use_hashed_dropout(model) as count:
+        assert count >= 5  # embeddings, two per block, the classifier's
+        loss, plain = _grads(model, inputs, labels)
+        enable_gradient_checkpointing(model)
+        again, checkpointed = _grads(model, inputs, labels)
+    assert torch.equal(loss, again)
+    for name, grad in plain.items():
+        # other masks in the recomputation would change these gradients by their own size
+        assert_close_scaled(checkpointed[name], grad, ops=64, scale=float(grad.abs().max()), msg=name)
+    # and the masks do act: another seed gives another loss
+    with use_hashed_dropout(model):
+        torch.manual_seed(6)
+        assert not torch.equal(model(**inputs, labels=labels).loss.detach(), loss)
+
+
+def _run(folder, monkeypatch, **settings):
+    calls = []
+    real = hd.dropout_mask
+    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    data = load_data(toy_sentiment(64))
+    model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.1)
+    train(model, tokenizer, data, None, TrainConfig(max_steps=3, batch_size=16, lr=1e-2, num_threads=1,
+                                                    progress=False, **settings))
+    assert all("forward" not in m.__dict__ for m in model.modules())  # the run took its patches off
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return len(calls), weights
+
+
+def test_training_draws_hashed_masks_by_default_and_reproducibly(folder, monkeypatch):
+    calls, first = _run(folder, monkeypatch)
+    assert calls > 0
+    again, second = _run(folder, monkeypatch)
+    assert again == calls
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=0, atol=0, msg=name)
+    none, torch_masks = _run(folder, monkeypatch, hashed_dropout=False)
+    assert none == 0
+    assert any(not torch.equal(torch_masks[n], first[n]) for n in first)  # other masks, other steps
+
+
+def test_a_run_saved_before_the_setting_existed_resumes_only_with_torch_masks():
+    old = {"train": {"lr": 1e-3}}
+    assert differences(old, {"train": {"lr": 1e-3, "hashed_dropout": False, "trim_last_block": False}}) == []
+    lines = differences(old, {"train": {"lr": 1e-3, "hashed_dropout": True, "trim_last_block": False}})
+    assert lines == ["train.hashed_dropout: False -> True"]
