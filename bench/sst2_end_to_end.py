@@ -1,7 +1,7 @@
 """SST-2 end to end: adapterkit vs PEFT + Trainer vs full fine-tuning, and every method.
 
     python bench/sst2_end_to_end.py [--train-size 67349] [--seeds 0 1 2] [--methods ...]
-        [--peer-sampling grouped random] [--adapter-layers top:3 top:2] [--untrimmed]
+        [--peer-sampling grouped random] [--adapter-layers top:3 top:2] [--untrimmed] [--torch-dropout]
 
 One epoch over (a seeded sample of) ``../shared/datasets/sst2/train.tsv``,
 accuracy on the full validation set (872 sentences). Wall time counts
@@ -14,6 +14,8 @@ ratio to it. ``--adapter-layers top:K`` adds runs with the adapter in the top K
 blocks only (the backward stops below them). Our runs compute the last block at
 the classifier's position only (``TrainConfig.trim_last_block``, the default);
 ``--untrimmed`` adds each run with every position computed, as the peer does.
+Our dropout masks come from a hash (``TrainConfig.hashed_dropout``, the
+default); ``--torch-dropout`` adds each run with PyTorch's masks, as the peer's.
 
 The floor column (LoRA runs and the peer) is the time of the matrix products
 the epoch cannot avoid at this CPU's measured float32 matmul rate, as in
@@ -113,7 +115,7 @@ def adapterkit_curve(curve: Curve) -> Iterator[None]:
 
 def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
                    precision: str = "fp32", quantize: str | None = None, adapter_layers: str | None = None,
-                   eval_every: int | None = None, trim: bool = True) -> dict:
+                   eval_every: int | None = None, trim: bool = True, hashed: bool = True) -> dict:
     factory, lr = METHODS[method]
     torch.manual_seed(seed)  # the new classification head: the same initial weights in every run of this seed
     model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"], quantize=quantize)
@@ -127,7 +129,8 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
         ak.train(model, tokenizer, train_data, val_data if eval_every else None, ak.TrainConfig(
             epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
             num_threads=torch.get_num_threads(), precision=precision, adapter_layers=adapter_layers,
-            eval_every=eval_every, load_best=False, trim_last_block=trim))
+            eval_every=eval_every, load_best=False, trim_last_block=trim,
+            hashed_dropout=hashed))
     seconds = curve.training_seconds()
     summary = ak.trainable_summary(model)  # after training: --adapter-layers removes the lower blocks' weights
     accuracy = ak.evaluate(model, tokenizer, val_data, precision=precision)["accuracy"]
@@ -220,6 +223,9 @@ def main() -> None:
     parser.add_argument("--untrimmed", action="store_true",
                         help="also train each adapterkit run with every position of the last block computed "
                              "(TrainConfig(trim_last_block=False)), to measure that lever alone")
+    parser.add_argument("--torch-dropout", action="store_true",
+                        help="also train each adapterkit run with PyTorch's dropout masks "
+                             "(TrainConfig(hashed_dropout=False)), to measure that lever alone")
     parser.add_argument("--eval-every", type=int, default=None, metavar="N",
                         help="evaluate every N steps and report the seconds to reach the grouped peer's accuracy")
     args = parser.parse_args()
@@ -246,12 +252,14 @@ def main() -> None:
                     name = method if args.precisions == ["fp32"] else f"{method} {precision}"
                     name += "" if scheme == "none" else f" on {scheme} base"
                     quantize = None if scheme == "none" else scheme
-                    for layers, trim in [(layers, trim) for layers in [None, *args.adapter_layers]
-                                         for trim in (True, False)[:1 + args.untrimmed]]:
-                        label = (name if layers is None else f"{name} {layers}") + ("" if trim else " untrimmed")
+                    variants = [("", True, True)] + [(" untrimmed", False, True)] * args.untrimmed
+                    variants += [(" torch dropout", True, False)] * args.torch_dropout
+                    for layers, (suffix, trim, hashed) in [(layers, v) for layers in [None, *args.adapter_layers]
+                                                           for v in variants]:
+                        label = (name if layers is None else f"{name} {layers}") + suffix
                         results.setdefault(label, []).append(
                             run_adapterkit(method, train_rows, val_rows, seed, precision, quantize, layers,
-                                           args.eval_every, trim))
+                                           args.eval_every, trim, hashed))
                         results[label][-1].update(seed=seed, precision=precision)
                         print(label, results[label][-1], flush=True)
     full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))

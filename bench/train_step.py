@@ -6,9 +6,11 @@
 For each configuration both libraries wrap the same freshly loaded model with
 the same modules (PEFT gets the exact module paths adapterkit resolved), train
 with AdamW on the same batch, and take turns; tokens/s are medians. Our
-classifier steps cut the last block to the position the head reads, as
-``ak.train`` does (``tasks/head_reads.py``); the "every position computed"
-column times the same adapterkit model without the cut. Peak RSS
+classifier steps cut the last block to the position the head reads, and every
+step draws dropout masks from a hash (``runtime/hashed_dropout.py``), as
+``ak.train`` does by default (``tasks/head_reads.py``); the "every position
+computed" column times the same adapterkit model without the cut, the "torch's
+dropout masks" column without the hashed masks. Peak RSS
 is the median over fresh processes per (configuration, library).
 
 ``--precision fp32 bf16`` measures each configuration at each precision
@@ -106,19 +108,24 @@ def peft_wrap(kind: str, method: str, paths: list[str], ours: torch.nn.Module) -
 
 def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "adapterkit") -> Callable[[], None]:
     """One training step as each library's trainer takes it (adapterkit's causal-LM loss is chunked, and
-    a classifier's last block is cut to the position its head reads, as ``ak.train`` does by default;
-    ``adapterkit whole`` is the same model with every position computed)."""
+    a classifier's last block is cut to the position its head reads, and dropout masks are hashed, as
+    ``ak.train`` does by default; ``adapterkit whole`` is the same model with every position computed,
+    ``adapterkit torch-dropout`` the same with PyTorch's dropout masks)."""
+    from adapterkit.runtime.hashed_dropout import use_hashed_dropout
     from adapterkit.tasks.head_reads import first_position_only
     from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    chunked = library == "adapterkit" and uses_chunked_lm_loss(model)  # False for classifiers: no output embedding
+    ours = library.startswith("adapterkit")
+    chunked = ours and uses_chunked_lm_loss(model)  # False for classifiers: no output embedding
+    cut, hashed = ours and library != "adapterkit whole", ours and library != "adapterkit torch-dropout"
     without_labels = {k: v for k, v in inputs.items() if k != "labels"}
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-                first_position_only(model) if library == "adapterkit" else contextlib.nullcontext():
+                first_position_only(model) if cut else contextlib.nullcontext(), \
+                use_hashed_dropout(model) if hashed else contextlib.nullcontext():
             loss = chunked_lm_loss(model, without_labels, inputs["labels"]) if chunked else model(**inputs).loss
         loss.backward()
         optimizer.step()
@@ -171,6 +178,7 @@ def main() -> None:
         for bf16, ckpt in settings:
             libraries = ["full"] if method == "full" else ["adapterkit", "peft"]
             timed = libraries + (["adapterkit whole"] if kind == "minilm" and method != "full" else [])
+            timed += ["adapterkit torch-dropout"] if method != "full" else []
             steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16, lib) for lib in timed}
             seconds = common.interleaved(steps, args.repeats)
             tps = {lib: batch * seq / s for lib, s in seconds.items()}
@@ -186,17 +194,19 @@ def main() -> None:
                 mem = {lib: statistics.median(v) for lib, v in samples.items()}
             label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}{' ckpt' if ckpt else ''}"
             whole = f"{tps['adapterkit whole'] / tps['peft']:.3f}" if "adapterkit whole" in tps else "-"
+            torch_masks = f"{tps['adapterkit torch-dropout'] / tps['peft']:.3f}" if method != "full" else "-"
             if method == "full":
-                rows.append([label, f"{tps['full']:.0f}", "-", "-", "-",
+                rows.append([label, f"{tps['full']:.0f}", "-", "-", "-", "-",
                              f"{mem['full']:.0f}" if mem else "-", "-", "-"])
             else:
                 rows.append([label, f"{tps['adapterkit']:.0f}", f"{tps['peft']:.0f}",
-                             f"{tps['adapterkit'] / tps['peft']:.3f}", whole,
+                             f"{tps['adapterkit'] / tps['peft']:.3f}", whole, torch_masks,
                              f"{mem['adapterkit']:.0f}" if mem else "-", f"{mem['peft']:.0f}" if mem else "-",
                              f"{mem['adapterkit'] / mem['peft']:.3f}" if mem else "-"])
             print(rows[-1], flush=True)
     print(common.table(["config", "adapterkit tok/s", "peft tok/s", "speed ratio (ak/peft)",
-                        "every position computed (ak/peft)", "adapterkit peak RSS MiB", "peft peak RSS MiB",
+                        "every position computed (ak/peft)", "torch's dropout masks (ak/peft)",
+                        "adapterkit peak RSS MiB", "peft peak RSS MiB",
                         "memory ratio (ak/peft)"], rows))
 
 
