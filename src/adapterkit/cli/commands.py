@@ -22,6 +22,7 @@ from adapterkit.evaluate.base_model import evaluate_base_model
 from adapterkit.evaluate.compare import format_comparison
 from adapterkit.models import adapter_info, load_with_adapter
 from adapterkit.runtime.allocator import CpuAllocator
+from adapterkit.runtime.cpu_matmul import CpuMatmul
 from adapterkit.tasks import get_task, task_name_for_model
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ def train(
     precision: Precision | None = None,
     gradient_checkpointing: bool = False,
     cpu_allocator: CpuAllocator | None = None,
+    cpu_matmul: CpuMatmul | None = None,
     adapter_layers: str | None = None,
     cache_frozen_prefix: bool = False,
     compile: bool = False,
@@ -111,6 +113,9 @@ def train(
         gradient_checkpointing: recompute activations in the backward (less memory, more time); any method.
         cpu_allocator: lean: on a CPU, glibc hands freed memory back at once (resident memory follows the live
             tensors: 0.5-0.8x the peak, for 1.15-1.3x the time per step); default leaves the C library as it is.
+        cpu_matmul: who multiplies the frozen base's float32 linear layers on a CPU: auto (oneDNN on AMD CPUs,
+            where PyTorch's MKL runs a generic path at under half its speed; MKL on Intel's), onednn or default
+            (PyTorch's own); only rounding differs. $ADAPTERKIT_CPU_MATMUL sets what auto means.
         adapter_layers: top:K puts the adapter in the top K blocks only (bottom:K, or 3,4,5 also work): the
             backward stops below the lowest one (faster; `adapterkit analyze --ablate` says which K is safe).
         cache_frozen_prefix: with --adapter-layers top:K, keep each example's input to the lowest adapted block
@@ -136,7 +141,7 @@ def train(
         max_length=max_length, max_target_length=max_target_length, packing=packing or None, output=output,
         seed=seed, resume=resume or None, overwrite=overwrite or None, device=device, precision=precision,
         gradient_checkpointing=gradient_checkpointing or None, cpu_allocator=cpu_allocator,
-        adapter_layers=adapter_layers,
+        cpu_matmul=cpu_matmul, adapter_layers=adapter_layers,
         cache_frozen_prefix=cache_frozen_prefix or None, compile=compile or None, strategy=strategy,
         quantize=quantize)
     result = run(run_config)

@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapterkit.core.modes import evaluating
 from adapterkit.data.examples import TaskData
 from adapterkit.errors import UsageError
+from adapterkit.runtime.cpu_matmul import resolve_cpu_matmul, use_onednn_linear
 from adapterkit.runtime.device import model_device, move_batch
 from adapterkit.runtime.precision import autocast
 from adapterkit.tasks.base import Feature, Task
@@ -45,7 +46,9 @@ def infer_outputs(
     """
     device = model_device(model)
     outputs: list[Any] = [None] * len(features)
-    with evaluating(model), torch.no_grad(), autocast(precision, device), task.narrowed(model):
+    onednn = device.type == "cpu" and resolve_cpu_matmul("auto")  # runtime/cpu_matmul.py: rounding only
+    with evaluating(model), torch.no_grad(), autocast(precision, device), task.narrowed(model), \
+            use_onednn_linear(model, onednn):
         for indices in inference_batches([task.length(f) for f in features], batch_size):
             chunk = [features[i] for i in indices]
             batch = move_batch(task.collate(chunk, tokenizer), device)

@@ -24,12 +24,13 @@ from adapterkit.train.config import TrainConfig
 # TrainConfig fields a resume may change: evaluation and logging frequency,
 # evaluation batch size, threads, progress display, the folder flags, the
 # device (a run may move to a GPU), gradient checkpointing (it recomputes
-# the same activations) and the CPU allocator's mode (it returns memory, the
-# numbers stay). The precision is recorded as resolved, with the world size,
+# the same activations), the CPU allocator's mode (it returns memory, the
+# numbers stay) and the CPU's matmul library (the same products, rounded in
+# another order, as with another thread count). The precision is recorded as resolved, with the world size,
 # under "runtime".
 RESUMABLE_CHANGES = frozenset({"output_dir", "eval_every", "eval_batch_size", "log_every", "progress",
                                "num_threads", "resume", "overwrite", "device", "gradient_checkpointing",
-                               "precision", "cpu_allocator"})
+                               "precision", "cpu_allocator", "cpu_matmul"})
 
 
 def features_hash(features: Sequence[dict[str, Any]]) -> str:

@@ -26,6 +26,7 @@ from adapterkit.core.lifecycle import active_adapters, place_in_layers
 from adapterkit.data.examples import TaskData
 from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.runtime.allocator import apply_cpu_allocator
+from adapterkit.runtime.cpu_matmul import resolve_cpu_matmul, use_onednn_linear
 from adapterkit.runtime.distributed import whole_parameters, wrap_model
 from adapterkit.runtime.hashed_dropout import use_hashed_dropout
 from adapterkit.runtime.precision import grad_scaler, native_bf16
@@ -112,6 +113,7 @@ def train(
             config.cpu_allocator):
         warnings.warn(f"cpu_allocator={config.cpu_allocator!r} needs glibc (Linux); this C library keeps its "
                       "own behaviour and the run goes on unchanged", stacklevel=2)
+    _onednn_products(config, runtime)  # an impossible cpu_matmul is refused before any work
     seed_everything(config.seed + runtime.rank)  # each process its own dropout masks; one process as before
     if eval_data is not None:
         eval_data = task.relabel(eval_data, train_data.labels)
@@ -168,6 +170,7 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
                 scope.enter_context(task.narrowed(model))
             if config.hashed_dropout and not config.compile:
                 scope.enter_context(use_hashed_dropout(model))
+            scope.enter_context(use_onednn_linear(model, _onednn_products(config, runtime)))
             _steps(model, wrapped, tokenizer, prepared, eval_data, config, state, restored, trainer, folder, log,
                    bar)
         # what the run cost, beside its metrics (not in the adapter's files, which stay reproducible)
@@ -178,6 +181,15 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
         if prepared.prefix_cache is not None:
             prepared.prefix_cache.close()
     return _finish(model, train_data, config, prepared, state, restored, folder, log, runtime, started)
+
+
+def _onednn_products(config: TrainConfig, runtime: Runtime) -> bool:
+    """Whether the frozen float32 products go through oneDNN (``TrainConfig.cpu_matmul``, ``runtime/cpu_matmul.py``).
+
+    Not under ``compile`` (the graph has its own kernels) nor FSDP (sharded weights).
+    """
+    wanted = resolve_cpu_matmul(config.cpu_matmul)
+    return wanted and runtime.device.type == "cpu" and runtime.strategy != "fsdp" and not config.compile
 
 
 def _steps(model: PreTrainedModel, wrapped: nn.Module, tokenizer: PreTrainedTokenizerBase, prepared: Prepared,

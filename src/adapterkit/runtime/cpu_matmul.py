@@ -1,0 +1,173 @@
+"""The frozen base's float32 linear layers through oneDNN on CPUs where MKL is slow.
+
+PyTorch computes a float32 ``nn.Linear`` on x86 CPUs with MKL's ``sgemm``.
+MKL picks its fast (AVX-512, AMX) code only on Intel processors; on AMD EPYC
+it reports "Intel(R) Architecture processors" (``MKL_VERBOSE=1``) and runs a
+generic path. On an AMD EPYC Zen 5 with 2 threads that was 156-189 GFLOP/s at
+MiniLM's shapes (448 tokens x 384 x 1536), where oneDNN, which PyTorch ships
+as well, reached 390-430 GFLOP/s on the same products
+(``docs/benchmarks.md`` section 4, "The frozen products through oneDNN").
+
+:func:`use_onednn_linear` routes the products of every *frozen* float32
+``nn.Linear`` of a model on the CPU through oneDNN, forward and backward
+(the gradient of the input is one more product with the same weight,
+transposed, which oneDNN reads in place: no copy of the weight is kept).
+Trainable linear layers (LoRA's A and B, a task head, a fully fine-tuned
+layer), other dtypes, autocast (which already sends bf16 products to oneDNN),
+quantised layers and other devices keep PyTorch's own path. The results are
+the same products rounded in another order: they agree with MKL's to float32
+rounding, not bit for bit (``tests/runtime/test_cpu_matmul.py``).
+
+Which CPUs get it by default (``"auto"``): :data:`AUTO_RULE`. The environment
+variable ``ADAPTERKIT_CPU_MATMUL`` (``onednn`` or ``default``) overrides that
+rule for every ``"auto"`` of the process: training, evaluation, prediction and
+the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adapterkit.errors import UserError
+
+CpuMatmul = Literal["auto", "onednn", "default"]
+CPU_MATMUL_CHOICES = ("auto", "onednn", "default")
+AUTO_RULE = ("oneDNN on x86 CPUs that are not Intel's (AMD), where MKL runs its generic path; PyTorch's own "
+             "(MKL) on Intel CPUs, where MKL uses AVX-512/AMX, and everywhere oneDNN is missing")
+ENV_VAR = "ADAPTERKIT_CPU_MATMUL"
+_MARK = "_adapterkit_onednn_linear"  # set on each patched module while the context is on
+
+
+class CpuMatmulError(UserError, ValueError):
+    """A ``cpu_matmul`` that is not one of the choices, or oneDNN asked for where PyTorch lacks it."""
+
+
+def onednn_available() -> bool:
+    """Whether this PyTorch build can run float32 linear layers through oneDNN on the CPU."""
+    return bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """The CPU's ``vendor_id`` from ``/proc/cpuinfo`` (``AuthenticAMD``, ``GenuineIntel``, ...); ``""`` if unknown."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((line for line in info if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+    return line.partition(":")[2].strip()
+
+
+def resolve_cpu_matmul(choice: str | None = "auto") -> bool:
+    """True when ``choice`` means oneDNN on this machine.
+
+    ``"auto"`` (or ``None``): ``$ADAPTERKIT_CPU_MATMUL`` when set, else :data:`AUTO_RULE`.
+    """
+    choice = (choice or "auto").lower()
+    if choice not in CPU_MATMUL_CHOICES:
+        raise CpuMatmulError(f"cpu_matmul must be one of {list(CPU_MATMUL_CHOICES)}, got {choice!r}")
+    if choice == "auto" and os.environ.get(ENV_VAR):
+        choice = os.environ[ENV_VAR].lower()
+        if choice not in CPU_MATMUL_CHOICES:
+            raise CpuMatmulError(f"${ENV_VAR} must be one of {list(CPU_MATMUL_CHOICES)}, got {choice!r}")
+    if choice == "default":
+        return False
+    if choice == "onednn":
+        if not onednn_available():
+            raise CpuMatmulError("cpu_matmul='onednn' needs a PyTorch built with oneDNN (mkldnn), which this one "
+                                 "is not (torch.backends.mkldnn.is_available() is False); use 'default'")
+        return True
+    return onednn_available() and cpu_vendor() == "AuthenticAMD"
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``x W^T + b`` with ``W`` and ``b`` frozen: the backward gives the input's gradient only."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return _product(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (weight,) = ctx.saved_tensors
+        return _product(grad, weight.t(), None), None, None  # oneDNN reads the transposed view in place
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through oneDNN, for a float32 CPU ``weight`` (and ``bias``) not trained.
+
+    Falls back to ``F.linear`` wherever that does not hold: a weight or bias
+    that requires grad, another dtype or device, autocast, an empty input.
+    """
+    if not _onednn_applies(x, weight, bias):
+        return F.linear(x, weight, bias)
+    # oneDNN returns a view for inputs of more than two dimensions; a custom Function's output must not be
+    # one (an adapter adds to it in place), so the Function sees rows and the view is taken outside it
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and x.requires_grad:
+        out = _FrozenLinear.apply(rows, weight, bias)
+    else:
+        out = _product(rows, weight, bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+        return False
+    if bias is not None and bias.dtype != torch.float32:
+        return False
+    return not torch.is_autocast_enabled("cpu")
+
+
+def _plain_float_weight(module: nn.Linear) -> bool:
+    """A dense float32 CPU weight (not a quantised tensor subclass, not a shard)."""
+    weight = module.weight
+    return (type(weight.data) is torch.Tensor and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.layout == torch.strided)
+
+
+def _forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
+    return frozen_linear(input, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def use_onednn_linear(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the context, ``model``'s frozen float32 ``nn.Linear`` layers multiply through oneDNN; yields how many.
+
+    Each patched layer checks at every call whether its weight is still frozen
+    and its input float32 on the CPU outside autocast, and takes PyTorch's own
+    path when not. Layers already patched by an enclosing call are left to it;
+    every layer's own ``forward`` comes back on exit, on error as well.
+    ``enabled=False`` patches nothing (yields 0).
+    """
+    patched = []
+    try:
+        if enabled:
+            for module in model.modules():
+                if (type(module) is nn.Linear and not getattr(module, _MARK, False)
+                        and _plain_float_weight(module)):
+                    module.forward = _forward.__get__(module)
+                    setattr(module, _MARK, True)
+                    patched.append(module)
+        yield len(patched)
+    finally:
+        for module in patched:
+            module.__dict__.pop("forward", None)
+            module.__dict__.pop(_MARK, None)
