@@ -2,6 +2,7 @@
 
     python bench/sst2_end_to_end.py [--train-size 67349] [--seeds 0 1 2] [--methods ...]
         [--peer-sampling grouped random] [--adapter-layers top:3 top:2] [--untrimmed] [--torch-dropout]
+        [--pytorch-products]
 
 One epoch over (a seeded sample of) ``../shared/datasets/sst2/train.tsv``,
 accuracy on the full validation set (872 sentences). Wall time counts
@@ -16,9 +17,13 @@ the classifier's position only (``TrainConfig.trim_last_block``, the default);
 ``--untrimmed`` adds each run with every position computed, as the peer does.
 Our dropout masks come from a hash (``TrainConfig.hashed_dropout``, the
 default); ``--torch-dropout`` adds each run with PyTorch's masks, as the peer's.
+On AMD CPUs our frozen float32 products go through oneDNN
+(``TrainConfig.cpu_matmul="auto"``, ``runtime/cpu_matmul.py``);
+``--pytorch-products`` adds each run with PyTorch's own kernel (MKL), as the peer's.
 
 The floor column (LoRA runs and the peer) is the time of the matrix products
-the epoch cannot avoid at this CPU's measured float32 matmul rate, as in
+the epoch cannot avoid at this CPU's measured float32 matmul rate (the faster
+of PyTorch's ``torch.mm`` and oneDNN: what the CPU can do), as in
 ``bench/sst2_epochs.py``: every block's forward over the unpadded tokens,
 plus one forward's worth of backward per adapted block; our cut last block
 counts its q/k/v projections and attention at every position, the rest at one.
@@ -115,7 +120,8 @@ def adapterkit_curve(curve: Curve) -> Iterator[None]:
 
 def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], seed: int,
                    precision: str = "fp32", quantize: str | None = None, adapter_layers: str | None = None,
-                   eval_every: int | None = None, trim: bool = True, hashed: bool = True) -> dict:
+                   eval_every: int | None = None, trim: bool = True, hashed: bool = True,
+                   cpu_matmul: str = "auto") -> dict:
     factory, lr = METHODS[method]
     torch.manual_seed(seed)  # the new classification head: the same initial weights in every run of this seed
     model, tokenizer = ak.load_model("minilm", task="classification", labels=["0", "1"], quantize=quantize)
@@ -130,7 +136,7 @@ def run_adapterkit(method: str, train_rows: list[dict], val_rows: list[dict], se
             epochs=1, batch_size=BATCH, lr=lr, max_length=MAX_LENGTH, seed=seed, progress=False,
             num_threads=torch.get_num_threads(), precision=precision, adapter_layers=adapter_layers,
             eval_every=eval_every, load_best=False, trim_last_block=trim,
-            hashed_dropout=hashed))
+            hashed_dropout=hashed, cpu_matmul=cpu_matmul))
     seconds = curve.training_seconds()
     summary = ak.trainable_summary(model)  # after training: --adapter-layers removes the lower blocks' weights
     accuracy = ak.evaluate(model, tokenizer, val_data, precision=precision)["accuracy"]
@@ -226,12 +232,16 @@ def main() -> None:
     parser.add_argument("--torch-dropout", action="store_true",
                         help="also train each adapterkit run with PyTorch's dropout masks "
                              "(TrainConfig(hashed_dropout=False)), to measure that lever alone")
+    parser.add_argument("--pytorch-products", action="store_true",
+                        help="also train each adapterkit run with PyTorch's own kernel for the frozen products "
+                             "(TrainConfig(cpu_matmul='default')), to measure the oneDNN lever alone")
     parser.add_argument("--eval-every", type=int, default=None, metavar="N",
                         help="evaluate every N steps and report the seconds to reach the grouped peer's accuracy")
     args = parser.parse_args()
     print(common.machine())
+    print(sst2_epochs.describe_rates())
     rate = sst2_epochs.matmul_rate()
-    print(f"float32 matmul rate: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    print(f"the floors use the faster: {rate / 1e9:.1f} GFLOP/s", flush=True)
     val_rows = read_sst2("validation.tsv", None, 0)
     tokens: dict[int, tuple[int, float]] = {}  # seed -> (unpadded training tokens, mean length)
     results: dict[str, list[dict]] = {}
@@ -252,14 +262,15 @@ def main() -> None:
                     name = method if args.precisions == ["fp32"] else f"{method} {precision}"
                     name += "" if scheme == "none" else f" on {scheme} base"
                     quantize = None if scheme == "none" else scheme
-                    variants = [("", True, True)] + [(" untrimmed", False, True)] * args.untrimmed
-                    variants += [(" torch dropout", True, False)] * args.torch_dropout
-                    for layers, (suffix, trim, hashed) in [(layers, v) for layers in [None, *args.adapter_layers]
-                                                           for v in variants]:
+                    variants = [("", True, True, "auto")] + [(" untrimmed", False, True, "auto")] * args.untrimmed
+                    variants += [(" torch dropout", True, False, "auto")] * args.torch_dropout
+                    variants += [(" pytorch products", True, True, "default")] * args.pytorch_products
+                    runs = [(layers, v) for layers in [None, *args.adapter_layers] for v in variants]
+                    for layers, (suffix, trim, hashed, products) in runs:
                         label = (name if layers is None else f"{name} {layers}") + suffix
                         results.setdefault(label, []).append(
                             run_adapterkit(method, train_rows, val_rows, seed, precision, quantize, layers,
-                                           args.eval_every, trim, hashed))
+                                           args.eval_every, trim, hashed, products))
                         results[label][-1].update(seed=seed, precision=precision)
                         print(label, results[label][-1], flush=True)
     full = statistics.mean(r["accuracy"] for r in results.get("full", [{"accuracy": float("nan")}]))

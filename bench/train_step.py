@@ -10,7 +10,10 @@ classifier steps cut the last block to the position the head reads, and every
 step draws dropout masks from a hash (``runtime/hashed_dropout.py``), as
 ``ak.train`` does by default (``tasks/head_reads.py``); the "every position
 computed" column times the same adapterkit model without the cut, the "torch's
-dropout masks" column without the hashed masks. Peak RSS
+dropout masks" column without the hashed masks. The frozen float32 products go
+through oneDNN where ``ak.train``'s ``cpu_matmul="auto"`` sends them
+(``runtime/cpu_matmul.py``: AMD CPUs); the "PyTorch's products" column times
+our model with PyTorch's own kernel (MKL) for them, as the peer runs. Peak RSS
 is the median over fresh processes per (configuration, library).
 
 ``--precision fp32 bf16`` measures each configuration at each precision
@@ -37,6 +40,7 @@ import torch  # noqa: E402
 
 import adapterkit as ak  # noqa: E402
 from adapterkit.core.layers import AdapterLayer  # noqa: E402
+from adapterkit.runtime.cpu_matmul import resolve_cpu_matmul, use_onednn_linear  # noqa: E402
 
 METHODS = ("lora-qv", "lora-all", "ia3", "full")
 
@@ -110,7 +114,8 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "ad
     """One training step as each library's trainer takes it (adapterkit's causal-LM loss is chunked, and
     a classifier's last block is cut to the position its head reads, and dropout masks are hashed, as
     ``ak.train`` does by default; ``adapterkit whole`` is the same model with every position computed,
-    ``adapterkit torch-dropout`` the same with PyTorch's dropout masks)."""
+    ``adapterkit torch-dropout`` the same with PyTorch's dropout masks, ``adapterkit mkl`` the same with
+    PyTorch's own kernel for the frozen products wherever ``cpu_matmul="auto"`` would pick oneDNN)."""
     from adapterkit.runtime.hashed_dropout import use_hashed_dropout
     from adapterkit.tasks.head_reads import first_position_only
     from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
@@ -120,12 +125,14 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "ad
     ours = library.startswith("adapterkit")
     chunked = ours and uses_chunked_lm_loss(model)  # False for classifiers: no output embedding
     cut, hashed = ours and library != "adapterkit whole", ours and library != "adapterkit torch-dropout"
+    onednn = ours and library != "adapterkit mkl" and not bf16 and resolve_cpu_matmul("auto")
     without_labels = {k: v for k, v in inputs.items() if k != "labels"}
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
                 first_position_only(model) if cut else contextlib.nullcontext(), \
-                use_hashed_dropout(model) if hashed else contextlib.nullcontext():
+                use_hashed_dropout(model) if hashed else contextlib.nullcontext(), \
+                use_onednn_linear(model, onednn):
             loss = chunked_lm_loss(model, without_labels, inputs["labels"]) if chunked else model(**inputs).loss
         loss.backward()
         optimizer.step()
@@ -179,6 +186,8 @@ def main() -> None:
             libraries = ["full"] if method == "full" else ["adapterkit", "peft"]
             timed = libraries + (["adapterkit whole"] if kind == "minilm" and method != "full" else [])
             timed += ["adapterkit torch-dropout"] if method != "full" else []
+            products = method != "full" and not bf16 and resolve_cpu_matmul("auto")
+            timed += ["adapterkit mkl"] if products else []
             steps = {lib: stepper(*build(kind, method, lib, batch, seq, ckpt), bf16, lib) for lib in timed}
             seconds = common.interleaved(steps, args.repeats)
             tps = {lib: batch * seq / s for lib, s in seconds.items()}
@@ -195,17 +204,19 @@ def main() -> None:
             label = f"{kind} {method} b{batch} L{seq} {'bf16' if bf16 else 'fp32'}{' ckpt' if ckpt else ''}"
             whole = f"{tps['adapterkit whole'] / tps['peft']:.3f}" if "adapterkit whole" in tps else "-"
             torch_masks = f"{tps['adapterkit torch-dropout'] / tps['peft']:.3f}" if method != "full" else "-"
+            mkl = f"{tps['adapterkit mkl'] / tps['peft']:.3f}" if "adapterkit mkl" in tps else "-"
             if method == "full":
-                rows.append([label, f"{tps['full']:.0f}", "-", "-", "-", "-",
+                rows.append([label, f"{tps['full']:.0f}", "-", "-", "-", "-", "-",
                              f"{mem['full']:.0f}" if mem else "-", "-", "-"])
             else:
                 rows.append([label, f"{tps['adapterkit']:.0f}", f"{tps['peft']:.0f}",
-                             f"{tps['adapterkit'] / tps['peft']:.3f}", whole, torch_masks,
+                             f"{tps['adapterkit'] / tps['peft']:.3f}", whole, torch_masks, mkl,
                              f"{mem['adapterkit']:.0f}" if mem else "-", f"{mem['peft']:.0f}" if mem else "-",
                              f"{mem['adapterkit'] / mem['peft']:.3f}" if mem else "-"])
             print(rows[-1], flush=True)
     print(common.table(["config", "adapterkit tok/s", "peft tok/s", "speed ratio (ak/peft)",
                         "every position computed (ak/peft)", "torch's dropout masks (ak/peft)",
+                        "PyTorch's products (ak/peft)",
                         "adapterkit peak RSS MiB", "peft peak RSS MiB",
                         "memory ratio (ak/peft)"], rows))
 
