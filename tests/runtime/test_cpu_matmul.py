@@ -113,6 +113,18 @@ def test_the_context_patches_frozen_linears_and_restores_them(products):
     assert all("forward" not in m.__dict__ for m in net.modules())
 
 
+def test_the_context_bounds_onednns_primitive_cache_unless_the_user_did(monkeypatch):
+    net = nn.Linear(4, 4).requires_grad_(False)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    with use_onednn_linear(net, enabled=False):
+        assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY" not in cm.os.environ
+    with use_onednn_linear(net):
+        assert cm.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(cm.PRIMITIVE_CACHE)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "100")
+    with use_onednn_linear(net):
+        assert cm.os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "100"
+
+
 def test_the_choice_resolves_by_vendor_and_environment(monkeypatch):
     monkeypatch.delenv(cm.ENV_VAR, raising=False)
     monkeypatch.setattr(cm, "cpu_vendor", lambda: "AuthenticAMD")
