@@ -239,9 +239,7 @@ def main() -> None:
                         help="evaluate every N steps and report the seconds to reach the grouped peer's accuracy")
     args = parser.parse_args()
     print(common.machine())
-    print(sst2_epochs.describe_rates())
-    rate = sst2_epochs.matmul_rate()
-    print(f"the floors use the faster: {rate / 1e9:.1f} GFLOP/s", flush=True)
+    rate = sst2_epochs.measured_rates()
     val_rows = read_sst2("validation.tsv", None, 0)
     tokens: dict[int, tuple[int, float]] = {}  # seed -> (unpadded training tokens, mean length)
     results: dict[str, list[dict]] = {}

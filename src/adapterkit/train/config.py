@@ -128,7 +128,7 @@ class TrainConfig:
             layers on the CPU: ``auto`` (oneDNN on AMD CPUs, where MKL, PyTorch's
             own, runs a generic path at less than half oneDNN's rate; MKL on
             Intel's), ``onednn`` or ``default`` (PyTorch's own). Only rounding
-            differs (``runtime/cpu_matmul.py``); 0.69-0.77x the time per MiniLM
+            differs (``runtime/cpu_matmul.py``); 0.66-0.77x the time per MiniLM
             step on an AMD EPYC. Trainable layers, autocast and ``compile``
             keep PyTorch's path.
         gradient_checkpointing: recompute each block's activations in the
