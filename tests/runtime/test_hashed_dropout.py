@@ -208,3 +208,85 @@ def test_a_run_saved_before_the_setting_existed_resumes_only_with_torch_masks():
     assert differences(old, {"train": {"lr": 1e-3, "hashed_dropout": False, "trim_last_block": False}}) == []
     lines = differences(old, {"train": {"lr": 1e-3, "hashed_dropout": True, "trim_last_block": False}})
     assert lines == ["train.hashed_dropout: False -> True"]
+
+
+def _reference_attention(q, k, v, mask, keep, p, scale):
+    """Softmax of the scaled scores plus ``mask`` (additive), times ``keep / (1 - p)``, times the values."""
+    scores = q @ k.transpose(-2, -1) * scale + mask
+    return (torch.softmax(scores, dim=-1) * keep / (1 - p)) @ v
+
+
+def test_attention_dropout_draws_a_hashed_mask_and_follows_the_reference_formula(monkeypatch):
+    F = torch.nn.functional
+    masks = []
+    real = hd.dropout_mask
+    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: masks.append(real(*a, **k)) or masks[-1])
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    additive = torch.zeros(2, 1, 5, 5, dtype=torch.float64)
+    additive[0, :, :, 3:] = float("-inf")  # the first example's last two keys are padding
+    with use_hashed_dropout(nn.Identity()):
+        assert F.scaled_dot_product_attention is hd.attention_with_hashed_dropout
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=0.3)
+        # without dropout PyTorch's own kernel answers, unchanged
+        plain = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+    assert F.scaled_dot_product_attention is hd._PYTORCH_SDPA
+    assert len(masks) == 1 and masks[0].shape == (2, 3, 5, 5)
+    assert torch.equal(plain, hd._PYTORCH_SDPA(q, k, v, attn_mask=additive))
+    expected = _reference_attention(q, k, v, additive, masks[0], 0.3, 0.5)
+    assert_close_scaled(out, expected, ops=16, scale=float(v.detach().abs().max()))
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        assert_close_scaled(got, want, ops=32, scale=float(want.abs().max()))
+    # a boolean mask, causal attention and grouped keys follow PyTorch's meaning of each
+    allowed = torch.rand(2, 1, 5, 5) > 0.3
+    allowed[..., 0] = True
+    for kwargs in ({"attn_mask": allowed}, {"is_causal": True}):
+        torch.manual_seed(1)
+        with use_hashed_dropout(nn.Identity()):
+            dropped = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, **kwargs)
+        keep = masks[-1]
+        additive = torch.zeros(5, 5, dtype=torch.float64)
+        bool_mask = allowed if "attn_mask" in kwargs else torch.ones(5, 5, dtype=torch.bool).tril()
+        additive = additive.masked_fill(~bool_mask, float("-inf"))
+        assert_close_scaled(dropped, _reference_attention(q, k, v, additive, keep, 0.2, 0.5), ops=16,
+                            scale=float(v.detach().abs().max()), msg=str(kwargs))
+    grouped_k, grouped_v = k[:, :1], v[:, :1]
+    with use_hashed_dropout(nn.Identity()):
+        grouped = F.scaled_dot_product_attention(q, grouped_k, grouped_v, dropout_p=0.2, enable_gqa=True)
+    expected = _reference_attention(q, grouped_k.expand_as(q), grouped_v.expand_as(q), 0.0, masks[-1], 0.2, 0.5)
+    assert_close_scaled(grouped, expected, ops=16, scale=float(v.detach().abs().max()))
+    # a query that may attend to nothing gets zeros, as from PyTorch's formula
+    nothing = torch.zeros(2, 1, 5, 5, dtype=torch.bool)
+    with use_hashed_dropout(nn.Identity()):
+        assert torch.equal(F.scaled_dot_product_attention(q, k, v, attn_mask=nothing, dropout_p=0.2),
+                           torch.zeros_like(q))
+
+
+def test_nested_contexts_and_errors_give_pytorchs_attention_back():
+    F = torch.nn.functional
+    with use_hashed_dropout(nn.Identity()):
+        with use_hashed_dropout(nn.Identity()):
+            pass
+        assert F.scaled_dot_product_attention is hd.attention_with_hashed_dropout  # the outer one still holds it
+    assert F.scaled_dot_product_attention is hd._PYTORCH_SDPA
+    with pytest.raises(RuntimeError, match="boom"):
+        with use_hashed_dropout(nn.Identity()):
+            raise RuntimeError("boom")
+    assert F.scaled_dot_product_attention is hd._PYTORCH_SDPA
+
+
+def test_a_bert_in_training_drops_its_attention_with_hashed_masks(folder, monkeypatch):
+    shapes = []
+    real = hd.dropout_mask
+    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: shapes.append(tuple(a[0])) or real(*a, **k))
+    data = load_data(toy_sentiment(4))
+    model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.1)
+    model.cpu().train()
+    inputs = tokenizer([r["text"] for r in toy_sentiment(4)], padding=True, return_tensors="pt")
+    with use_hashed_dropout(model):
+        model(**inputs)
+    batch, length = inputs["input_ids"].shape
+    heads = model.config.num_attention_heads
+    assert shapes.count((batch, heads, length, length)) == model.config.num_hidden_layers

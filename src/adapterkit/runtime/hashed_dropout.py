@@ -24,13 +24,19 @@ without), but they have the same distribution: each element kept with
 probability ``1 - p``, independently of its neighbours and of other calls
 (``tests/runtime/test_hashed_dropout.py`` measures both). The training loop
 uses them for every ``nn.Dropout`` of the model (``TrainConfig
-.hashed_dropout``); attention dropout that transformers hands to
-``scaled_dot_product_attention`` stays PyTorch's.
+.hashed_dropout``), and for the attention dropout that transformers hands to
+``torch.nn.functional.scaled_dot_product_attention``: on a CPU, PyTorch
+computes attention with dropout by its reference ("math") formula with a
+``bernoulli_`` mask, and within the context that formula runs with a hashed
+mask instead (:func:`attention_with_hashed_dropout`). Attention without
+dropout, and on other devices, stays PyTorch's own kernel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -101,6 +107,56 @@ def hashed_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Te
     return _HashedDropout.apply(x, p)
 
 
+_PYTORCH_SDPA = nn.functional.scaled_dot_product_attention
+_SDPA_LOCK = threading.Lock()
+_sdpa_users = 0  # contexts that have the hashed attention installed
+
+
+def attention_with_hashed_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                  is_causal: bool = False, scale: float | None = None,
+                                  enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with a hashed mask for its dropout on a CPU.
+
+    With ``dropout_p > 0`` on a CPU this is the reference formula PyTorch
+    documents (and runs there in that case): softmax of the scaled scores plus
+    the mask (zeros for a query that may attend to nothing), dropped, times the
+    values; anything else goes to PyTorch's own.
+    """
+    if dropout_p == 0.0 or query.device.type != "cpu" or torch.compiler.is_compiling():
+        return _PYTORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                             scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa and key.size(-3) != query.size(-3):
+        groups = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(groups, -3), value.repeat_interleave(groups, -3)
+    factor = 1.0 / math.sqrt(query.size(-1)) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)).mul_(factor)
+    if is_causal:
+        allowed = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    # a query that may attend to nothing gets zeros, as in PyTorch's own formula, not NaN
+    probs = hashed_dropout(torch.ops.aten._safe_softmax(scores, -1), dropout_p, True)
+    return torch.matmul(probs, value)
+
+
+@contextlib.contextmanager
+def _hashed_attention() -> Iterator[None]:
+    """``F.scaled_dot_product_attention`` is :func:`attention_with_hashed_dropout` while any context holds it."""
+    global _sdpa_users
+    with _SDPA_LOCK:
+        _sdpa_users += 1
+        nn.functional.scaled_dot_product_attention = attention_with_hashed_dropout
+    try:
+        yield
+    finally:
+        with _SDPA_LOCK:
+            _sdpa_users -= 1
+            if _sdpa_users == 0:
+                nn.functional.scaled_dot_product_attention = _PYTORCH_SDPA
+
+
 def _forward(self: nn.Dropout, input: torch.Tensor) -> torch.Tensor:
     return hashed_dropout(input, self.p, self.training)
 
@@ -109,9 +165,12 @@ def _forward(self: nn.Dropout, input: torch.Tensor) -> torch.Tensor:
 def use_hashed_dropout(model: nn.Module) -> Iterator[int]:
     """Within the context, every ``nn.Dropout`` of ``model`` draws hashed masks; yields how many.
 
+    Attention dropout passed to ``F.scaled_dot_product_attention`` on a CPU
+    draws hashed masks too while the context is on (for every caller: the
+    function is PyTorch's module attribute, and the distribution is the same).
     Modules already patched by an enclosing call are left to it. The modules'
-    own ``forward`` comes back on exit, on error as well; eval mode is, as
-    always, the identity.
+    own ``forward`` and PyTorch's function come back on exit, on error as well;
+    eval mode is, as always, the identity.
     """
     patched = []
     try:
@@ -120,7 +179,8 @@ def use_hashed_dropout(model: nn.Module) -> Iterator[int]:
                 module.forward = _forward.__get__(module)
                 setattr(module, _MARK, True)
                 patched.append(module)
-        yield len(patched)
+        with _hashed_attention():
+            yield len(patched)
     finally:
         for module in patched:
             module.__dict__.pop("forward", None)
