@@ -15,7 +15,7 @@ from adapterkit.data import load_data
 from adapterkit.evaluate import evaluate
 from adapterkit.tasks import get_task
 from adapterkit.train import TrainConfig, train
-from adapterkit.train.optim import build_optimizer
+from adapterkit.train.optim import _fused_on_cpu, build_optimizer
 from tests.tiny_text import tiny_bert_folder, tiny_lora_classifier, toy_sentiment
 
 FAST = {"num_threads": 1, "progress": False}
@@ -82,6 +82,30 @@ def test_head_gets_its_own_learning_rate(folder, toy):
         assert group["lr"] == (5e-2 if in_head.pop() else 1e-3)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == sum(
         p.requires_grad for p in model.parameters())
+
+
+def test_cpu_adapters_get_the_fused_adamw_kernel_with_the_reference_update(folder, toy):
+    model, _ = tiny_lora_classifier(folder, toy[0].labels)
+    model.cpu().double()
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-2, weight_decay=0.01))
+    assert optimizer.defaults["fused"] is True
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    reference = torch.optim.AdamW([{**g, "params": [p.detach().clone().requires_grad_() for p in g["params"]]}
+                                   for g in optimizer.param_groups], betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    copies = [p for g in reference.param_groups for p in g["params"]]
+    torch.manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(params, copies):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        optimizer.step()
+        reference.step()
+    for p, q in zip(params, copies):
+        # float64: the fused kernel rounds the same update in another order, a few eps per step
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+    # other devices (and FSDP's shards) keep PyTorch's default choice
+    assert _fused_on_cpu([torch.nn.Parameter(torch.zeros(2, device="meta"))]) is None
+    assert _fused_on_cpu([torch.nn.Parameter(torch.zeros(2, dtype=torch.complex64))]) is None
 
 
 def test_early_stopping_after_patience_evaluations(folder, toy):

@@ -56,7 +56,21 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
         }
         for (role, decays), group in sorted(groups.items())
     ]
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8)
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), eps=1e-8, fused=_fused_on_cpu(list(params.values())))
+
+
+def _fused_on_cpu(params: list[nn.Parameter]) -> bool | None:
+    """PyTorch's fused AdamW kernel for plain float CPU tensors; its default (``None``) elsewhere.
+
+    On a CPU the default runs a loop of small operations per tensor: for a
+    MiniLM LoRA adapter (26 tensors) a step of it took 1.19 ms against 0.18 ms
+    fused, about 1% of a training step. The same update, rounded once per
+    element instead of once per operation. Shards (FSDP's DTensors) and other
+    devices keep the default.
+    """
+    fusable = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    plain = all(type(p.data) is torch.Tensor and p.device.type == "cpu" and p.dtype in fusable for p in params)
+    return True if plain else None
 
 
 def warmup_steps(config: TrainConfig, total_steps: int) -> int:
