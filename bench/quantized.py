@@ -100,6 +100,15 @@ def loss(model: torch.nn.Module, ids: torch.Tensor, library: str) -> torch.Tenso
     return model(input_ids=ids, labels=ids).loss
 
 
+def backward(model: torch.nn.Module, ids: torch.Tensor, library: str) -> None:
+    """One forward and backward; ours with the frozen products where ``ak.train`` puts them for the whole run
+    (``cpu_matmul="auto"``: oneDNN on AMD CPUs; ``$ADAPTERKIT_CPU_MATMUL=default`` for PyTorch's own)."""
+    from adapterkit.runtime.cpu_matmul import resolve_cpu_matmul, use_onednn_linear
+
+    with use_onednn_linear(model, library == "adapterkit" and resolve_cpu_matmul("auto")):
+        loss(model, ids, library).backward()
+
+
 def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator: str) -> None:
     import bitsandbytes  # noqa: F401  every library imported first: the baseline holds them all
     import peft  # noqa: F401
@@ -120,7 +129,7 @@ def worker(scheme: str, library: str, steps: int, checkpointing: bool, allocator
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            loss(model, ids, library).backward()
+            backward(model, ids, library)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
@@ -140,7 +149,7 @@ def paired_worker(scheme: str, steps: int, checkpointing: bool) -> None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def one_step(model=model, optimizer=optimizer, library=library, ids=ids) -> None:
-            loss(model, ids, library).backward()
+            backward(model, ids, library)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import adapterkit as ak
+import adapterkit.runtime.cpu_matmul as cpu_matmul
 from adapterkit.core.base_weight import read_base_tensor
 from adapterkit.core.targeting import has_fresh_output
 from adapterkit.models.int8_linear import Int8WeightOnlyLinear
@@ -46,8 +47,15 @@ def _tolerance(x: torch.Tensor, weight: torch.Tensor, fan_in: int) -> float:
     return 4 * fan_in * torch.finfo(torch.float32).eps * float(x.abs().max()) * float(weight.abs().max())
 
 
+@pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
-def test_output_and_gradients_match_the_dequantised_layer(bias: bool) -> None:
+def test_output_and_gradients_match_the_dequantised_layer(bias: bool, onednn: bool, monkeypatch) -> None:
+    """Also with the products through oneDNN, as the training loop does on AMD CPUs (runtime/cpu_matmul.py)."""
+    if onednn and not cpu_matmul.onednn_available():
+        pytest.skip("this PyTorch build has no oneDNN")
+    calls = []
+    real = cpu_matmul._product
+    monkeypatch.setattr(cpu_matmul, "_product", lambda *a: calls.append(1) or real(*a))
     torchao_layer = _torchao_linear(bias)
     ours = Int8WeightOnlyLinear.from_linear(_torchao_linear(bias))
     if bias:
@@ -58,8 +66,11 @@ def test_output_and_gradients_match_the_dequantised_layer(bias: bool) -> None:
     dequantized = ours.weight.dequantize()
     for layer in (ours, torchao_layer):
         xi = x.clone().requires_grad_(True)
-        out = layer(xi)
+        with cpu_matmul.use_onednn_linear(layer, onednn and layer is ours):
+            out = layer(xi)
+            out.add_(0.0)  # adapters add to this output in place
         out.backward(grad_out)
+        assert len(calls) == (2 if onednn else 0)  # forward and input gradient, ours only
         assert out.dtype == torch.float32 and out.shape == (3, 7, OUT)
         torch.testing.assert_close(out.double(), want_out, rtol=0, atol=_tolerance(x, dequantized, IN))
         torch.testing.assert_close(xi.grad.double(), want_dx, rtol=0, atol=_tolerance(grad_out, dequantized, OUT))

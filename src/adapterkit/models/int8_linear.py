@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from adapterkit.runtime.cpu_matmul import onednn_marked, onednn_product
+
 
 def _dequantized(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``qdata * scale`` in ``dtype``, (out, in): the float weight the int8 tensor stands for."""
@@ -47,12 +49,33 @@ class _Int8Product(torch.autograd.Function):
         return grad_x, None, None, grad_bias
 
 
+class _Int8RowsProduct(torch.autograd.Function):
+    """:class:`_Int8Product` for 2-D float32 rows, both products through oneDNN (``runtime/cpu_matmul.py``)."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(qdata, scale)
+        return onednn_product(rows, _dequantized(qdata, scale, rows.dtype), None if bias is None else bias.float())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
+        qdata, scale = ctx.saved_tensors
+        grad_x = onednn_product(grad, _dequantized(qdata, scale, grad.dtype).t()) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias
+
+
 class Int8WeightOnlyLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is a torchao per-row int8 ``Int8Tensor`` (weight-only).
 
     The weight is frozen (it stores no gradient); the bias may train (BitFit),
-    and gradients reach the input. Build one with :meth:`from_linear`.
+    and gradients reach the input. Build one with :meth:`from_linear`. Within
+    ``use_onednn_linear`` (the training loop and inference on AMD CPUs) the
+    rebuilt float weight is multiplied by oneDNN instead of MKL.
     """
+
+    onednn_products = True  # runtime/cpu_matmul.py marks such layers instead of patching them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8WeightOnlyLinear":
@@ -76,6 +99,11 @@ class Int8WeightOnlyLinear(nn.Linear):
         weight = self.weight
         if _one_row_on_cpu(x, self.bias, self.in_features):
             return _one_row_product(x, weight.qdata, weight.scale, self.bias)
+        if onednn_marked(self, x):
+            # the Function sees rows, and the view back to x's shape is taken outside it (oneDNN returns views
+            # for more dimensions, and an adapter adds to this output in place)
+            rows = _Int8RowsProduct.apply(x.reshape(-1, self.in_features), weight.qdata, weight.scale, self.bias)
+            return rows.view(*x.shape[:-1], self.out_features)
         return _Int8Product.apply(x, weight.qdata, weight.scale, self.bias)
 
 

@@ -99,6 +99,26 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
+def onednn_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``rows @ weight^T + bias`` through oneDNN, for 2-D float32 CPU ``rows``; no autograd.
+
+    ``weight`` may be a transposed view (oneDNN reads it in place). For layers
+    that build their own float weight, such as the int8 base's, inside their own
+    autograd function.
+    """
+    return _product(rows, weight, bias)
+
+
+def onednn_marked(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a layer that declares ``onednn_products = True`` should multiply ``x`` through oneDNN now.
+
+    True while a :func:`use_onednn_linear` context has marked ``module``, for a
+    float32 CPU input outside autocast.
+    """
+    return (getattr(module, _MARK, False) and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() > 0 and not torch.is_autocast_enabled("cpu"))
+
+
 class _FrozenLinear(torch.autograd.Function):
     """``x W^T + b`` with ``W`` and ``b`` frozen: the backward gives the input's gradient only."""
 
@@ -157,6 +177,10 @@ def _forward(self: nn.Linear, input: torch.Tensor) -> torch.Tensor:
 def use_onednn_linear(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Within the context, ``model``'s frozen float32 ``nn.Linear`` layers multiply through oneDNN; yields how many.
 
+    Layer classes that declare ``onednn_products = True`` (the int8 base's
+    ``Int8WeightOnlyLinear``) are marked instead, and their own products check
+    :func:`onednn_marked`.
+
     Each patched layer checks at every call whether its weight is still frozen
     and its input float32 on the CPU outside autocast, and takes PyTorch's own
     path when not. Layers already patched by an enclosing call are left to it;
@@ -170,11 +194,14 @@ def use_onednn_linear(model: nn.Module, enabled: bool = True) -> Iterator[int]:
         if enabled:
             os.environ.setdefault(_CACHE_VAR, str(PRIMITIVE_CACHE))
             for module in model.modules():
-                if (type(module) is nn.Linear and not getattr(module, _MARK, False)
-                        and _plain_float_weight(module)):
+                if getattr(module, _MARK, False):
+                    continue
+                if type(module) is nn.Linear and _plain_float_weight(module):
                     module.forward = _forward.__get__(module)
-                    setattr(module, _MARK, True)
-                    patched.append(module)
+                elif not getattr(type(module), "onednn_products", False):
+                    continue  # layers that build their own float weight declare it, and check the mark
+                setattr(module, _MARK, True)
+                patched.append(module)
         yield len(patched)
     finally:
         for module in patched:
