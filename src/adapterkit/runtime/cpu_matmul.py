@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adapterkit.errors import UserError
+from adapterkit.runtime.forward_patches import MARK_ONLY, patched_forwards
 
 CpuMatmul = Literal["auto", "onednn", "default"]
 CPU_MATMUL_CHOICES = ("auto", "onednn", "default")
@@ -115,8 +116,7 @@ def onednn_marked(module: nn.Module, x: torch.Tensor) -> bool:
     True while a :func:`use_onednn_linear` context has marked ``module``, for a
     float32 CPU input outside autocast.
     """
-    return (getattr(module, _MARK, False) and x.dtype == torch.float32 and x.device.type == "cpu"
-            and x.numel() > 0 and not torch.is_autocast_enabled("cpu"))
+    return getattr(module, _MARK, False) and _input_fits(x)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -152,14 +152,18 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+def _input_fits(x: torch.Tensor) -> bool:
+    """A non-empty float32 CPU input outside autocast (which sends bf16 products to oneDNN itself)."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() > 0
+            and not torch.is_autocast_enabled("cpu"))
+
+
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
+    if weight.requires_grad or weight.dtype != torch.float32:
         return False
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
+    if bias is not None and (bias.requires_grad or bias.dtype != torch.float32):
         return False
-    if bias is not None and bias.dtype != torch.float32:
-        return False
-    return not torch.is_autocast_enabled("cpu")
+    return _input_fits(x)
 
 
 def _plain_float_weight(module: nn.Linear) -> bool:
@@ -189,21 +193,17 @@ def use_onednn_linear(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` becomes :data:`PRIMITIVE_CACHE` for the
     process (it takes effect if oneDNN has not run yet).
     """
-    patched = []
-    try:
-        if enabled:
-            os.environ.setdefault(_CACHE_VAR, str(PRIMITIVE_CACHE))
-            for module in model.modules():
-                if getattr(module, _MARK, False):
-                    continue
-                if type(module) is nn.Linear and _plain_float_weight(module):
-                    module.forward = _forward.__get__(module)
-                elif not getattr(type(module), "onednn_products", False):
-                    continue  # layers that build their own float weight declare it, and check the mark
-                setattr(module, _MARK, True)
-                patched.append(module)
-        yield len(patched)
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop(_MARK, None)
+    if not enabled:
+        yield 0
+        return
+    os.environ.setdefault(_CACHE_VAR, str(PRIMITIVE_CACHE))
+    with patched_forwards(model, _MARK, _choose) as count:
+        yield count
+
+
+def _choose(module: nn.Module) -> object | None:
+    """What :func:`use_onednn_linear` does with ``module``: patch it, mark it, or leave it."""
+    if type(module) is nn.Linear and _plain_float_weight(module):
+        return _forward
+    # layers that build their own float weight declare it, and check the mark themselves
+    return MARK_ONLY if getattr(type(module), "onednn_products", False) else None

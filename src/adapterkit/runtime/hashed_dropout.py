@@ -42,6 +42,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from adapterkit.runtime.forward_patches import patched_forwards
+
 # odd 32-bit multipliers of well-known integer hashes (golden ratio; murmur3's finaliser), as signed int32
 _ROUNDS = ((-1640531535, 16), (-2048144789, 13), (-1028477387, 16))
 _MARK = "_adapterkit_hashed_dropout"  # set on each patched module while the context is on
@@ -172,16 +174,6 @@ def use_hashed_dropout(model: nn.Module) -> Iterator[int]:
     own ``forward`` and PyTorch's function come back on exit, on error as well;
     eval mode is, as always, the identity.
     """
-    patched = []
-    try:
-        for module in model.modules():
-            if type(module) is nn.Dropout and not getattr(module, _MARK, False):
-                module.forward = _forward.__get__(module)
-                setattr(module, _MARK, True)
-                patched.append(module)
-        with _hashed_attention():
-            yield len(patched)
-    finally:
-        for module in patched:
-            module.__dict__.pop("forward", None)
-            module.__dict__.pop(_MARK, None)
+    with patched_forwards(model, _MARK, lambda m: _forward if type(m) is nn.Dropout else None) as count, \
+            _hashed_attention():
+        yield count
