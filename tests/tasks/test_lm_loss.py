@@ -82,6 +82,40 @@ def test_no_tensor_of_the_whole_logits_is_kept_for_backward(monkeypatch) -> None
     assert chunked.item() == pytest.approx(full.item(), rel=1e-5)
 
 
+def test_one_chunk_of_logits_is_alive_at_a_time() -> None:
+    """The next chunk's logits are made after the last chunk's are freed, not beside them."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    vocab, step = 500, 4
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(22, 32, requires_grad=True), torch.randn(vocab, 32)
+    targets = torch.randint(0, vocab, (22,))
+    chunk_bytes = step * vocab * 4
+    made: list[weakref.ref] = []
+    most = [0]
+
+    class CountChunks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= chunk_bytes
+                        and t.untyped_storage().data_ptr() != weight.untyped_storage().data_ptr()):
+                    made.append(weakref.ref(t))
+            alive = {t.untyped_storage().data_ptr() for t in (r() for r in made) if t is not None}
+            most[0] = max(most[0], len(alive))
+            return out
+
+    with CountChunks():
+        total = lm_loss._HeadCrossEntropy.apply(hidden, weight, None, targets, step)
+    assert most[0] == 1  # six chunks, never two at once
+    total.backward()
+    reference = torch.nn.functional.cross_entropy(hidden.detach() @ weight.t(), targets, reduction="sum")
+    assert total.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
 def test_it_is_the_default_for_a_plain_head_and_is_enabled_for_others_where_the_logits_are_the_heads() -> None:
     model, _ = build_tiny("llama")
     assert uses_chunked_lm_loss(model)  # a plain nn.Linear head: the fused path, by default

@@ -135,6 +135,7 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 sums = probs.sum(dim=1, keepdim=True)
                 total += (peak + sums.log()).sum() - picked.sum()
                 if not (need_hidden or need_weight or need_bias):
+                    del scores, probs
                     continue
                 probs.div_(sums)  # d(loss)/d(logits) = softmax - one-hot
                 probs[torch.arange(len(wanted), device=wanted.device), wanted] -= 1.0
@@ -145,6 +146,8 @@ class _HeadCrossEntropy(torch.autograd.Function):
                     grad_weight += grad_logits.t() @ part
                 if need_bias:
                     grad_bias += probs.sum(0)
+                # the next chunk's logits would otherwise be made while this chunk's are still held
+                del scores, probs, grad_logits
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
