@@ -41,6 +41,7 @@ the isolated runs (two models in one process share a heap).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -101,11 +102,15 @@ def loss(model: torch.nn.Module, ids: torch.Tensor, library: str) -> torch.Tenso
 
 
 def backward(model: torch.nn.Module, ids: torch.Tensor, library: str) -> None:
-    """One forward and backward; ours with the frozen products where ``ak.train`` puts them for the whole run
-    (``cpu_matmul="auto"``: oneDNN on AMD CPUs; ``$ADAPTERKIT_CPU_MATMUL=default`` for PyTorch's own)."""
+    """One forward and backward; ours in the contexts ``ak.train`` holds for the whole run: the frozen products
+    where ``cpu_matmul="auto"`` puts them (oneDNN on AMD CPUs; ``$ADAPTERKIT_CPU_MATMUL=default`` for PyTorch's
+    own) and the gated MLPs keeping two activations, not three (``runtime/gated_mlp.py``)."""
     from adapterkit.runtime.cpu_matmul import resolve_cpu_matmul, use_onednn_linear
+    from adapterkit.runtime.gated_mlp import use_fused_gated_mlp
 
-    with use_onednn_linear(model, library == "adapterkit" and resolve_cpu_matmul("auto")):
+    ours = library == "adapterkit"
+    with use_onednn_linear(model, ours and resolve_cpu_matmul("auto")), \
+            use_fused_gated_mlp(model) if ours else contextlib.nullcontext():
         loss(model, ids, library).backward()
 
 

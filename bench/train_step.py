@@ -115,7 +115,9 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "ad
     a classifier's last block is cut to the position its head reads, and dropout masks are hashed, as
     ``ak.train`` does by default; ``adapterkit whole`` is the same model with every position computed,
     ``adapterkit torch-dropout`` the same with PyTorch's dropout masks, ``adapterkit mkl`` the same with
-    PyTorch's own kernel for the frozen products wherever ``cpu_matmul="auto"`` would pick oneDNN)."""
+    PyTorch's own kernel for the frozen products wherever ``cpu_matmul="auto"`` would pick oneDNN; gated MLPs
+    keep two activations, not three, as in ``ak.train``)."""
+    from adapterkit.runtime.gated_mlp import use_fused_gated_mlp
     from adapterkit.runtime.hashed_dropout import use_hashed_dropout
     from adapterkit.tasks.head_reads import first_position_only
     from adapterkit.tasks.lm_loss import chunked_lm_loss, uses_chunked_lm_loss
@@ -129,12 +131,13 @@ def stepper(model: torch.nn.Module, inputs: dict, bf16: bool, library: str = "ad
     without_labels = {k: v for k, v in inputs.items() if k != "labels"}
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), \
-                first_position_only(model) if cut else contextlib.nullcontext(), \
+        with first_position_only(model) if cut else contextlib.nullcontext(), \
                 use_hashed_dropout(model) if hashed else contextlib.nullcontext(), \
-                use_onednn_linear(model, onednn):
-            loss = chunked_lm_loss(model, without_labels, inputs["labels"]) if chunked else model(**inputs).loss
-        loss.backward()
+                use_onednn_linear(model, onednn), \
+                use_fused_gated_mlp(model) if ours else contextlib.nullcontext():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = chunked_lm_loss(model, without_labels, inputs["labels"]) if chunked else model(**inputs).loss
+            loss.backward()  # within the contexts, as in ak.train: checkpointing recomputes blocks in them
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

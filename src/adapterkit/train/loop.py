@@ -28,6 +28,7 @@ from adapterkit.evaluate.plots import plot_confusion_matrix
 from adapterkit.runtime.allocator import apply_cpu_allocator
 from adapterkit.runtime.cpu_matmul import resolve_cpu_matmul, use_onednn_linear
 from adapterkit.runtime.distributed import whole_parameters, wrap_model
+from adapterkit.runtime.gated_mlp import use_fused_gated_mlp
 from adapterkit.runtime.hashed_dropout import use_hashed_dropout
 from adapterkit.runtime.precision import grad_scaler, native_bf16
 from adapterkit.runtime.runtime import Runtime, resolve_runtime
@@ -171,6 +172,8 @@ def _train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Tas
             if config.hashed_dropout and not config.compile:
                 scope.enter_context(use_hashed_dropout(model))
             scope.enter_context(use_onednn_linear(model, _onednn_products(config, runtime)))
+            if not config.compile:  # bit-identical results, one activation fewer per gated MLP
+                scope.enter_context(use_fused_gated_mlp(model))
             _steps(model, wrapped, tokenizer, prepared, eval_data, config, state, restored, trainer, folder, log,
                    bar)
         # what the run cost, beside its metrics (not in the adapter's files, which stay reproducible)
