@@ -89,6 +89,25 @@ def test_forward_and_backward_follow_one_mask():
     assert not torch.equal(hashed_dropout(x.detach(), 0.3), y.detach())  # and move it on
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_scaled_mask_keeps_the_dtype_nans_and_the_bits_of_mask_times_scale(dtype):
+    from adapterkit.runtime.hashed_dropout import _draw_seeds, dropout_mask
+
+    x = torch.randn(4, 9, 17).to(dtype)
+    x[0, 0, :] = float("nan")  # some of them dropped, some kept
+    grad = torch.randn_like(x)
+    torch.manual_seed(5)
+    mask = dropout_mask(x.shape, 0.25, _draw_seeds())
+    torch.manual_seed(5)
+    y = hashed_dropout(x.requires_grad_(), 0.25)
+    y.backward(grad)
+    assert y.dtype == dtype and x.grad.dtype == dtype
+    assert (~mask[0, 0]).any() and mask[0, 0].any() and bool(y[0, 0].isnan().all())  # as F.dropout
+    # one multiplication by scale-or-zero: the bits of converting the mask, multiplying, then scaling
+    assert torch.equal(y.detach().nan_to_num(7.0), x.detach().mul(mask).mul_(1 / 0.75).nan_to_num(7.0))
+    assert torch.equal(x.grad, grad.mul(mask).mul_(1 / 0.75))
+
+
 def test_gradcheck_with_a_fixed_mask():
     x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
 
@@ -121,8 +140,8 @@ class _Net(nn.Module):
 def test_the_context_patches_every_dropout_and_restores_them(monkeypatch):
     net = _Net().train()
     calls = []
-    real = hd.dropout_mask
-    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = hd._kept
+    monkeypatch.setattr(hd, "_kept", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     x = torch.randn(16, 8)
     with use_hashed_dropout(net) as count:
         assert count == 3
@@ -180,8 +199,8 @@ def test_gradient_checkpointing_recomputes_the_same_masks(folder):
 
 def _run(folder, monkeypatch, **settings):
     calls = []
-    real = hd.dropout_mask
-    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hd._kept
+    monkeypatch.setattr(hd, "_kept", lambda *a, **k: calls.append(1) or real(*a, **k))
     data = load_data(toy_sentiment(64))
     model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.1)
     train(model, tokenizer, data, None, TrainConfig(max_steps=3, batch_size=16, lr=1e-2, num_threads=1,
@@ -219,8 +238,8 @@ def _reference_attention(q, k, v, mask, keep, p, scale):
 def test_attention_dropout_draws_a_hashed_mask_and_follows_the_reference_formula(monkeypatch):
     F = torch.nn.functional
     masks = []
-    real = hd.dropout_mask
-    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: masks.append(real(*a, **k)) or masks[-1])
+    real = hd._kept
+    monkeypatch.setattr(hd, "_kept", lambda *a, **k: masks.append(real(*a, **k).bool()) or real(*a, **k))
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     additive = torch.zeros(2, 1, 5, 5, dtype=torch.float64)
@@ -279,8 +298,8 @@ def test_nested_contexts_and_errors_give_pytorchs_attention_back():
 
 def test_a_bert_in_training_drops_its_attention_with_hashed_masks(folder, monkeypatch):
     shapes = []
-    real = hd.dropout_mask
-    monkeypatch.setattr(hd, "dropout_mask", lambda *a, **k: shapes.append(tuple(a[0])) or real(*a, **k))
+    real = hd._kept
+    monkeypatch.setattr(hd, "_kept", lambda *a, **k: shapes.append(tuple(a[0])) or real(*a, **k))
     data = load_data(toy_sentiment(4))
     model, tokenizer = tiny_lora_classifier(folder, data.labels, dropout=0.1)
     model.cpu().train()

@@ -57,6 +57,12 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seeds: tuple[int
     The same ``seeds`` (two integers in the int32 range) give the same mask on
     every machine; any other seeds give an independent one.
     """
+    return _kept(shape, p, seeds, device).bool()
+
+
+def _kept(shape: torch.Size | tuple[int, ...], p: float, seeds: tuple[int, int],
+          device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`dropout_mask` as float32 ones (kept) and zeros (dropped)."""
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability must be in [0, 1], got {p}")
     numel = 1
@@ -75,7 +81,11 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seeds: tuple[int
         if index == 0:
             h.add_(second)
     threshold = -32768 + round(p * 65536)  # the 16-bit halves are uniform over [-32768, 32767]
-    return h.view(torch.int16)[:numel].ge(threshold).view(shape)
+    # kept where the half is at or above the threshold. Its distance above threshold - 1 is >= 1 there and <= 0
+    # elsewhere, exactly (float32 holds every 16-bit integer), so clamping it to [0, 1] gives the mask as numbers:
+    # on CPUs, PyTorch compares into booleans and converts booleans back several times more slowly than this
+    halves = h.view(torch.int16)[:numel].to(torch.float32)
+    return halves.sub_(threshold - 1).clamp_(0.0, 1.0).view(shape)
 
 
 def _draw_seeds() -> tuple[int, int]:
@@ -86,16 +96,30 @@ def _draw_seeds() -> tuple[int, int]:
 class _HashedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, p: float) -> torch.Tensor:
-        mask = dropout_mask(x.shape, p, _draw_seeds(), x.device)
+        kept = _kept(x.shape, p, _draw_seeds(), x.device)
         scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(mask)
+        ctx.save_for_backward(kept.to(torch.uint8))  # a byte an element, as nn.Dropout's boolean mask
         ctx.scale = scale
-        return x.mul(mask).mul_(scale)  # as F.dropout: a NaN stays NaN
+        return _dropped(x, kept, scale)  # as F.dropout: a NaN stays NaN
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (mask,) = ctx.saved_tensors
-        return grad.mul(mask).mul_(ctx.scale), None
+        (kept,) = ctx.saved_tensors
+        return _dropped(grad, kept, ctx.scale), None
+
+
+def _dropped(x: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * kept * scale`` for a mask ``kept`` of ones and zeros (float32 or uint8), bit for bit.
+
+    In float32 and float64 the factors (``scale`` or 0) are made in ``x``'s dtype
+    and applied in one product: ``scale`` is what PyTorch multiplies by there
+    anyway. A ``kept`` already in that dtype becomes the factors in place.
+    Narrower dtypes multiply by the mask, then by ``scale``: their kernels
+    scale by a float32 ``scale``, which a bfloat16 factor would round.
+    """
+    if x.dtype not in (torch.float32, torch.float64):
+        return x.mul(kept.to(torch.uint8)).mul_(scale)
+    return x.mul(kept.to(x.dtype).mul_(scale))
 
 
 def hashed_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
