@@ -309,3 +309,26 @@ def test_a_bert_in_training_drops_its_attention_with_hashed_masks(folder, monkey
     batch, length = inputs["input_ids"].shape
     heads = model.config.num_attention_heads
     assert shapes.count((batch, heads, length, length)) == model.config.num_hidden_layers
+
+
+@pytest.mark.parametrize("length", [14, hd.SHORT_ROWS, hd.SHORT_ROWS + 1])
+def test_the_attention_softmax_is_pytorchs_to_rounding_with_zeros_for_rows_of_minus_infinity(length):
+    torch.manual_seed(2)
+    scores = (torch.randn(3, 2, 6, length) * 4).requires_grad_()
+    masked = scores.detach().clone()
+    masked[0, 1, 2] = float("-inf")  # a query that may attend to nothing
+    masked[1, 0, :, : length // 2] = float("-inf")  # padding keys
+    masked.requires_grad_()
+    grad = torch.randn(3, 2, 6, length)
+    probs = hd.safe_softmax(masked)
+    probs.backward(grad)
+    wide = masked.detach().double().requires_grad_()
+    reference = torch.ops.aten._safe_softmax(wide, -1)
+    reference.backward(grad.double())
+    assert torch.equal(probs[0, 1, 2], torch.zeros(length))
+    assert_close_scaled(probs, reference, ops=2 * length, scale=1.0)
+    assert_close_scaled(masked.grad, wide.grad, ops=4 * length, scale=float(grad.abs().max()))
+    if length > hd.SHORT_ROWS:  # long rows: PyTorch's own kernel, to the bit
+        assert torch.equal(probs, torch.ops.aten._safe_softmax(masked.detach(), -1))
+    x = torch.randn(2, 5, min(length, 9), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(hd._ShortRowSoftmax.apply, (x,))
