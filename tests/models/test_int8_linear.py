@@ -68,6 +68,7 @@ def test_output_and_gradients_match_the_dequantised_layer(bias: bool, onednn: bo
         xi = x.clone().requires_grad_(True)
         with cpu_matmul.use_onednn_linear(layer, onednn and layer is ours):
             out = layer(xi)
+            assert out._base is None or layer is torchao_layer  # ours is no view of the rows' product
             out.add_(0.0)  # adapters add to this output in place
         out.backward(grad_out)
         assert len(calls) == (2 if onednn else 0)  # forward and input gradient, ours only

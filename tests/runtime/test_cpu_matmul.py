@@ -64,9 +64,13 @@ def test_the_output_may_be_added_to_in_place_as_adapters_do():
     x = torch.randn(2, 3, 8, requires_grad=True)
     delta = torch.randn(2, 3, 16, requires_grad=True)
     out = frozen_linear(x, layer.weight, layer.bias)
+    assert out._base is None  # not a view: the add is recorded as an add, not as a write into a slice
     out.add_(delta)
+    assert type(out.grad_fn).__name__ == "AddBackward0"
     out.sum().backward()
     assert torch.equal(delta.grad, torch.ones_like(delta))
+    with torch.no_grad():
+        assert frozen_linear(x, layer.weight, layer.bias)._base is None
     assert_close_scaled(x.grad, torch.ones(2, 3, 16) @ layer.weight, ops=16,
                         scale=float(layer.weight.abs().sum(0).max()))
 

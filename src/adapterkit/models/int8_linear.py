@@ -50,19 +50,29 @@ class _Int8Product(torch.autograd.Function):
 
 
 class _Int8RowsProduct(torch.autograd.Function):
-    """:class:`_Int8Product` for 2-D float32 rows, both products through oneDNN (``runtime/cpu_matmul.py``)."""
+    """:class:`_Int8Product` with both products through oneDNN over the input's rows (``runtime/cpu_matmul.py``).
+
+    Its output has the input's shape without being a view of the rows' product,
+    so an adapter's in-place add to it is recorded as an add, not a write into a slice.
+    """
 
     @staticmethod
-    def forward(ctx: Any, rows: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(qdata, scale)
-        return onednn_product(rows, _dequantized(qdata, scale, rows.dtype), None if bias is None else bias.float())
+        ctx.shape = x.shape
+        out = onednn_product(x.reshape(-1, x.shape[-1]), _dequantized(qdata, scale, x.dtype),
+                             None if bias is None else bias.float())
+        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], qdata.shape[0]))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
         qdata, scale = ctx.saved_tensors
-        grad_x = onednn_product(grad, _dequantized(qdata, scale, grad.dtype).t()) if ctx.needs_input_grad[0] else None
-        grad_bias = grad.sum(0) if ctx.needs_input_grad[3] else None
+        rows = grad.reshape(-1, grad.shape[-1])
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn_product(rows, _dequantized(qdata, scale, grad.dtype).t()).view(ctx.shape)
+        grad_bias = rows.sum(0) if ctx.needs_input_grad[3] else None
         return grad_x, None, None, grad_bias
 
 
@@ -100,10 +110,7 @@ class Int8WeightOnlyLinear(nn.Linear):
         if _one_row_on_cpu(x, self.bias, self.in_features):
             return _one_row_product(x, weight.qdata, weight.scale, self.bias)
         if onednn_marked(self, x):
-            # the Function sees rows, and the view back to x's shape is taken outside it (oneDNN returns views
-            # for more dimensions, and an adapter adds to this output in place)
-            rows = _Int8RowsProduct.apply(x.reshape(-1, self.in_features), weight.qdata, weight.scale, self.bias)
-            return rows.view(*x.shape[:-1], self.out_features)
+            return _Int8RowsProduct.apply(x, weight.qdata, weight.scale, self.bias)
         return _Int8Product.apply(x, weight.qdata, weight.scale, self.bias)
 
 

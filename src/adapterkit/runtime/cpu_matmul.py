@@ -126,12 +126,28 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return _product(x, weight, bias)
+        ctx.shape = x.shape
+        return _rows_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        return _product(grad, weight.t(), None), None, None  # oneDNN reads the transposed view in place
+        # oneDNN reads the transposed view in place
+        return _product(grad.reshape(-1, grad.shape[-1]), weight.t(), None).view(ctx.shape), None, None
+
+
+def _rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The product over ``x``'s rows, shaped as ``x`` with the weight's output width, and not a view.
+
+    Adapters add to a frozen layer's output in place. Were it a view (of the
+    rows' product), autograd would record that add as a write into a slice of
+    the product and clone the gradient for it in the backward; a custom
+    Function may not even return a view that is then written. ``_unsafe_view``
+    gives the new shape without recording a view, as ``torch.matmul`` does for
+    the same reason; nothing else holds the rows' product.
+    """
+    out = _product(x.reshape(-1, x.shape[-1]), weight, bias)
+    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,14 +158,9 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     if not _onednn_applies(x, weight, bias):
         return F.linear(x, weight, bias)
-    # oneDNN returns a view for inputs of more than two dimensions; a custom Function's output must not be
-    # one (an adapter adds to it in place), so the Function sees rows and the view is taken outside it
-    rows = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and x.requires_grad:
-        out = _FrozenLinear.apply(rows, weight, bias)
-    else:
-        out = _product(rows, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
+        return _FrozenLinear.apply(x, weight, bias)
+    return _rows_product(x, weight, bias)
 
 
 def _input_fits(x: torch.Tensor) -> bool:
