@@ -30,50 +30,37 @@ def _dequantized(qdata: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -
 
 
 class _Int8Product(torch.autograd.Function):
-    """``x @ (qdata * scale)^T + bias``; the backward rebuilds the weight instead of keeping it."""
+    """``x @ (qdata * scale)^T + bias``; the backward rebuilds the weight instead of keeping it.
 
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(qdata, scale)
-        # matmul, then the bias: F.linear with a bias returns a view of its product for a 3-d input,
-        # and an adapter adding to a custom function's output in place needs it to be no view
-        out = torch.matmul(x, _dequantized(qdata, scale, x.dtype).t())
-        return out if bias is None else out.add_(bias.to(out.dtype))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
-        qdata, scale = ctx.saved_tensors
-        grad_x = grad @ _dequantized(qdata, scale, grad.dtype) if ctx.needs_input_grad[0] else None
-        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_bias
-
-
-class _Int8RowsProduct(torch.autograd.Function):
-    """:class:`_Int8Product` with both products through oneDNN over the input's rows (``runtime/cpu_matmul.py``).
-
-    Its output has the input's shape without being a view of the rows' product,
-    so an adapter's in-place add to it is recorded as an add, not a write into a slice.
+    With ``onednn`` both products go through oneDNN (``runtime/cpu_matmul.py``), otherwise through
+    ``torch.matmul``. Either way the output is no view: an adapter adds to it in place.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, qdata: torch.Tensor, scale: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
+                bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
         ctx.save_for_backward(qdata, scale)
-        ctx.shape = x.shape
-        out = onednn_product(x.reshape(-1, x.shape[-1]), _dequantized(qdata, scale, x.dtype),
-                             None if bias is None else bias.float())
-        return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], qdata.shape[0]))
+        ctx.onednn = onednn
+        return _times_transposed(x, _dequantized(qdata, scale, x.dtype), bias, onednn)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None, None]:
         qdata, scale = ctx.saved_tensors
-        rows = grad.reshape(-1, grad.shape[-1])
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = onednn_product(rows, _dequantized(qdata, scale, grad.dtype).t()).view(ctx.shape)
-        grad_bias = rows.sum(0) if ctx.needs_input_grad[3] else None
-        return grad_x, None, None, grad_bias
+            grad_x = _times_transposed(grad, _dequantized(qdata, scale, grad.dtype).t(), None, ctx.onednn)
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[3] else None
+        return grad_x, None, None, grad_bias, None
+
+
+def _times_transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      onednn: bool) -> torch.Tensor:
+    """``x @ weight^T + bias``, not a view of anything: oneDNN's product, or ``torch.matmul`` then the bias."""
+    if onednn:
+        return onednn_product(x, weight, None if bias is None else bias.float())
+    # matmul, then the bias: F.linear with a bias returns a view of its product for a 3-d input
+    out = torch.matmul(x, weight.t())
+    return out if bias is None else out.add_(bias.to(out.dtype))
 
 
 class Int8WeightOnlyLinear(nn.Linear):
@@ -109,9 +96,7 @@ class Int8WeightOnlyLinear(nn.Linear):
         weight = self.weight
         if _one_row_on_cpu(x, self.bias, self.in_features):
             return _one_row_product(x, weight.qdata, weight.scale, self.bias)
-        if onednn_marked(self, x):
-            return _Int8RowsProduct.apply(x, weight.qdata, weight.scale, self.bias)
-        return _Int8Product.apply(x, weight.qdata, weight.scale, self.bias)
+        return _Int8Product.apply(x, weight.qdata, weight.scale, self.bias, onednn_marked(self, x))
 
 
 def _one_row_on_cpu(x: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> bool:

@@ -100,14 +100,21 @@ def _product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
-def onednn_product(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``rows @ weight^T + bias`` through oneDNN, for 2-D float32 CPU ``rows``; no autograd.
+def onednn_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ weight^T + bias`` through oneDNN over ``x``'s rows, for a float32 CPU ``x``; no autograd.
 
-    ``weight`` may be a transposed view (oneDNN reads it in place). For layers
-    that build their own float weight, such as the int8 base's, inside their own
-    autograd function.
+    The result has ``x``'s leading shape and is not a view. Adapters add to a
+    frozen layer's output in place: were it a view of the rows' product,
+    autograd would record that add as a write into a slice and clone the
+    gradient for it in the backward, and a custom Function may not return a
+    view that is then written. ``_unsafe_view`` gives the shape without
+    recording a view, as ``torch.matmul`` does for the same reason; nothing
+    else holds the rows' product. ``weight`` may be a transposed view (oneDNN
+    reads it in place). Layers that build their own float weight, such as the
+    int8 base's, call this inside their own autograd function.
     """
-    return _product(rows, weight, bias)
+    out = _product(x.reshape(-1, x.shape[-1]), weight, bias)
+    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
 
 
 def onednn_marked(module: nn.Module, x: torch.Tensor) -> bool:
@@ -126,28 +133,12 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        ctx.shape = x.shape
-        return _rows_product(x, weight, bias)
+        return onednn_product(x, weight, bias)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        # oneDNN reads the transposed view in place
-        return _product(grad.reshape(-1, grad.shape[-1]), weight.t(), None).view(ctx.shape), None, None
-
-
-def _rows_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The product over ``x``'s rows, shaped as ``x`` with the weight's output width, and not a view.
-
-    Adapters add to a frozen layer's output in place. Were it a view (of the
-    rows' product), autograd would record that add as a write into a slice of
-    the product and clone the gradient for it in the backward; a custom
-    Function may not even return a view that is then written. ``_unsafe_view``
-    gives the new shape without recording a view, as ``torch.matmul`` does for
-    the same reason; nothing else holds the rows' product.
-    """
-    out = _product(x.reshape(-1, x.shape[-1]), weight, bias)
-    return torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
+        return onednn_product(grad, weight.t()), None, None  # oneDNN reads the transposed view in place
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -160,7 +151,7 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenLinear.apply(x, weight, bias)
-    return _rows_product(x, weight, bias)
+    return onednn_product(x, weight, bias)
 
 
 def _input_fits(x: torch.Tensor) -> bool:

@@ -97,10 +97,11 @@ class _HashedDropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, p: float) -> torch.Tensor:
         kept = _kept(x.shape, p, _draw_seeds(), x.device)
+        byte = kept.to(torch.uint8)  # kept for the backward: a byte an element, as nn.Dropout's boolean mask
         scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(kept.to(torch.uint8))  # a byte an element, as nn.Dropout's boolean mask
+        ctx.save_for_backward(byte)
         ctx.scale = scale
-        return _dropped(x, kept, scale)  # as F.dropout: a NaN stays NaN
+        return _dropped(x, kept if x.dtype in _WIDE else byte, scale)  # as F.dropout: a NaN stays NaN
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -108,17 +109,20 @@ class _HashedDropout(torch.autograd.Function):
         return _dropped(grad, kept, ctx.scale), None
 
 
+_WIDE = (torch.float32, torch.float64)  # dtypes whose kernels scale in their own precision
+
+
 def _dropped(x: torch.Tensor, kept: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x * kept * scale`` for a mask ``kept`` of ones and zeros (float32 or uint8), bit for bit.
+    """``x * kept * scale`` for a mask ``kept`` of ones and zeros, bit for bit.
 
     In float32 and float64 the factors (``scale`` or 0) are made in ``x``'s dtype
     and applied in one product: ``scale`` is what PyTorch multiplies by there
     anyway. A ``kept`` already in that dtype becomes the factors in place.
-    Narrower dtypes multiply by the mask, then by ``scale``: their kernels
-    scale by a float32 ``scale``, which a bfloat16 factor would round.
+    Narrower dtypes take ``kept`` as uint8 and multiply by it, then by ``scale``:
+    their kernels scale by a float32 ``scale``, which a bfloat16 factor would round.
     """
-    if x.dtype not in (torch.float32, torch.float64):
-        return x.mul(kept.to(torch.uint8)).mul_(scale)
+    if x.dtype not in _WIDE:
+        return x.mul(kept).mul_(scale)
     return x.mul(kept.to(x.dtype).mul_(scale))
 
 
